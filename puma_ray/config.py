@@ -1,0 +1,451 @@
+"""One pydantic schema for the whole pipeline YAML.
+
+The defaults *are* the embedded demo (builtin data, small CNN, PUMA); `tune_configs/demo.yaml`
+spells them out and a test keeps the two equal. Every error names its YAML path
+(`pruning.ratio: must be in [0, 1) (got 1.5)`), and `--set a.b=c` overrides go through the same
+validation as the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from fractions import Fraction
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
+
+from puma_ray.errors import ConfigError
+
+# --------------------------------------------------------------------------------------------
+# Value types with messages a user can act on.
+
+
+def _in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False):
+    left, right = ("(" if lo_open else "["), (")" if hi_open else "]")
+    text = f"must be in {left}{_fmt(lo)}, {_fmt(hi)}{right}"
+
+    def check(v: float) -> float:
+        if (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
+            raise ValueError(f"{text} (got {v})")
+        return v
+
+    return AfterValidator(check)
+
+
+def _positive(v: float) -> float:
+    if not v > 0:
+        raise ValueError(f"must be > 0 (got {v})")
+    return v
+
+
+def _non_negative(v: float) -> float:
+    if v < 0:
+        raise ValueError(f"must be >= 0 (got {v})")
+    return v
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _parse_number(v: Any) -> Any:
+    """Accept '8/255' for epsilons, as papers write them."""
+    if isinstance(v, str) and "/" in v:
+        try:
+            return float(Fraction(v.replace(" ", "")))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"expected a number or a fraction like 8/255 (got {v!r})") from None
+    return v
+
+
+Number = Annotated[float, BeforeValidator(_parse_number)]
+Fraction01 = Annotated[float, _in_range(0, 1)]  # [0, 1]
+FractionOpen = Annotated[float, _in_range(0, 1, hi_open=True)]  # [0, 1)
+PositiveFloat = Annotated[Number, AfterValidator(_positive)]
+NonNegFloat = Annotated[Number, AfterValidator(_non_negative)]
+PositiveInt = Annotated[int, AfterValidator(_positive)]
+NonNegInt = Annotated[int, AfterValidator(_non_negative)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Data sources. Ids are `id_offset + row index within the source`; the default offset is the
+# source's position in the list times 2**40, so ids stay stable as long as the list does.
+
+ID_BLOCK = 2**40
+
+
+class BuiltinSource(Strict):
+    """Procedural 10-class 32x32x3 images, deterministic from (seed, id); see data/builtin.py."""
+
+    type: Literal["builtin"] = "builtin"
+    real_train: NonNegInt = 4000
+    real_test: NonNegInt = 1000
+    synthetic: NonNegInt = 12000
+    ambiguous_fraction: Fraction01 = 0.1  # synthetic samples blended from two classes
+    mislabeled_fraction: Fraction01 = 0.05  # synthetic samples carrying a wrong label
+    noise: NonNegFloat = 0.12  # std of per-pixel Gaussian noise, in [0, 1] pixel units
+    seed: int = 0
+    id_offset: NonNegInt | None = None
+
+
+class NpzSource(Strict):
+    """A `.npz` with `image` uint8 NxHxWxC and `label` (the DM-Improves-AT synthetic format)."""
+
+    type: Literal["npz"] = "npz"
+    path: str
+    source: Literal["real", "synthetic"] = "synthetic"
+    limit: PositiveInt | None = None  # take the first `limit` rows
+    id_offset: NonNegInt | None = None
+
+
+class TorchvisionSource(Strict):
+    """CIFAR-10/100 or SVHN through torchvision. Never downloads unless `download: true`."""
+
+    type: Literal["torchvision"] = "torchvision"
+    name: Literal["cifar10", "cifar100", "svhn"] = "cifar10"
+    root: str = "~/.cache/puma_ray/torchvision"
+    download: bool = False
+    limit_train: PositiveInt | None = None
+    limit_test: PositiveInt | None = None
+    id_offset: NonNegInt | None = None
+
+
+Source = Annotated[BuiltinSource | NpzSource | TorchvisionSource, Field(discriminator="type")]
+
+
+class DataConfig(Strict):
+    name: str = "builtin"
+    sources: list[Source] = Field(default_factory=lambda: [BuiltinSource()], min_length=1)
+    num_classes: PositiveInt | None = None  # default: what the sources say (10 for builtin)
+    rows_per_shard: PositiveInt = 50_000  # ~150 MB of 32x32x3 images per Parquet file
+
+    def source_id_offset(self, index: int) -> int:
+        src = self.sources[index]
+        return src.id_offset if src.id_offset is not None else index * ID_BLOCK
+
+
+# --------------------------------------------------------------------------------------------
+# Model, training, evaluation.
+
+
+class ModelConfig(Strict):
+    arch: str = "small_cnn"  # a name in puma_ray.models.list_models()
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to create_model
+
+
+class AttackConfig(Strict):
+    """The threat model used for training and robust evaluation."""
+
+    norm: Literal["linf", "l2"] = "linf"
+    epsilon: PositiveFloat = 8 / 255  # radius in [0, 1] pixel units; '8/255' is accepted
+    steps: PositiveInt = 10  # PGD steps during training
+    step_ratio: PositiveFloat = 0.25  # step size = step_ratio * eps_i, per sample
+
+
+class TrainingConfig(Strict):
+    objective: Literal["pgd_at", "trades", "standard"] = "pgd_at"
+    trades_beta: NonNegFloat = 5.0
+    attack: AttackConfig = Field(default_factory=AttackConfig)
+    epochs: PositiveInt = 8
+    batch_size: PositiveInt = 128
+    lr: PositiveFloat = 0.1  # peak learning rate for batch_size
+    momentum: Fraction01 = 0.9
+    nesterov: bool = True
+    weight_decay: NonNegFloat = 5e-4  # not applied to BatchNorm or bias parameters
+    warmup_epochs: NonNegFloat = 1.0
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
+    label_smoothing: Fraction01 = 0.1
+    ema_decay: Annotated[float, _in_range(0, 1, hi_open=True)] = 0.0  # 0 disables EMA
+    real_fraction: Fraction01 = 0.3  # share of real samples per batch when both sources exist
+    augment: bool = True  # random crop (pad 4) + horizontal flip, on whole batches
+    epoch_length: Literal["kept", "fixed"] = "kept"  # "kept": one pass over the kept set
+    samples_per_epoch: PositiveInt | None = None  # for epoch_length=fixed (Wang et al.: 50000)
+    amp: bool = True  # bf16 autocast on GPU; ignored on CPU
+    checkpoints_to_keep: PositiveInt = 2
+    max_failures: NonNegInt = 1
+    seed: int = 0
+
+
+class MarginModelConfig(Strict):
+    """The robust model whose DeepFool margins rank the samples: a given checkpoint, or trained."""
+
+    checkpoint: str | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainingConfig = Field(default_factory=TrainingConfig)
+
+
+class ScoringConfig(Strict):
+    norm: Literal["l2", "linf"] = "l2"
+    overshoot: NonNegFloat = 0.02
+    max_iter: PositiveInt = 50
+    candidates: PositiveInt | None = None  # top-k logits at the start; None = all classes
+    clip: bool = False  # keep iterates inside the [0, 1] image box
+    target: Literal["true", "predicted"] = "true"  # margin w.r.t. the true or predicted label
+    batch_size: PositiveInt = 256
+    embeddings: bool = False  # also write penultimate features (for `extrapolated`)
+    pool_min: PositiveInt = 1
+    pool_max: PositiveInt | None = None  # None = as many actors as the cluster's CPUs/GPUs allow
+    cpus_per_actor: PositiveFloat = 1.0
+    gpus_per_actor: NonNegFloat = 0.0
+    max_retries: NonNegInt = 3  # per-task retries when a scorer actor dies
+
+
+class ExtrapolationConfig(Strict):
+    """Nieth et al.: score a random subset, extend by k-NN in an embedding space."""
+
+    scored_fraction: Annotated[float, _in_range(0, 1, lo_open=True)] = 0.1
+    k: PositiveInt = 12
+    base_strategy: Literal["puma", "high_margin", "low_margin"] = "puma"
+
+
+class PruningConfig(Strict):
+    strategy: Literal["puma", "high_margin", "low_margin", "random", "extrapolated", "none"] = (
+        "puma"
+    )
+    ratio: FractionOpen = 0.3  # fraction of in-scope samples dropped
+    scope: Literal["synthetic", "all"] = "synthetic"
+    per_class: bool = True
+    seed: int = 0
+    eps_rule: Literal["none", "scale_lowest", "margin_cap"] = "scale_lowest"
+    eps_scale: PositiveFloat = 0.5  # scale_lowest: eps_i = eps * eps_scale for the lowest q
+    eps_quantile: Fraction01 = 0.1  # scale_lowest: q, fraction of the kept set adjusted
+    eps_alpha: PositiveFloat = 1.0  # margin_cap: eps_i = min(eps, alpha * margin_i)
+    eps_floor: NonNegFloat = 0.0  # margin_cap: lower bound on eps_i
+    extrapolation: ExtrapolationConfig = Field(default_factory=ExtrapolationConfig)
+
+
+class EvaluationConfig(Strict):
+    pgd_steps: PositiveInt = 20
+    pgd_restarts: PositiveInt = 1
+    subset: PositiveInt | None = 1000  # test rows used; None = the whole test split
+    autoattack: bool = False  # needs the `eval` extra
+    batch_size: PositiveInt = 500
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps, tracking, Ray.
+
+SWEEPABLE = (
+    "pruning.ratio",
+    "pruning.eps_scale",
+    "pruning.strategy",
+    "pruning.eps_quantile",
+    "pruning.eps_alpha",
+    "pruning.eps_rule",
+    "pruning.seed",
+    "training.seed",
+)
+
+
+class SearchDim(Strict):
+    """One dimension: exactly one of grid / choice / uniform / loguniform."""
+
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+
+    def model_post_init(self, _ctx: Any) -> None:
+        given = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of grid, choice, uniform, loguniform")
+
+
+class SweepConfig(Strict):
+    space: dict[str, SearchDim] = Field(
+        default_factory=lambda: {
+            "pruning.ratio": SearchDim(grid=[0.3, 0.6]),
+            "pruning.eps_scale": SearchDim(grid=[0.5, 1.0]),
+        }
+    )
+    num_samples: PositiveInt = 1
+    metric: str = "robust_acc"
+    mode: Literal["max", "min"] = "max"
+    asha: bool = False
+    max_concurrent_trials: PositiveInt = 1
+
+    def model_post_init(self, _ctx: Any) -> None:
+        for key in self.space:
+            if key not in SWEEPABLE:
+                raise ValueError(f"unknown search key {key!r} (allowed: {', '.join(SWEEPABLE)})")
+
+
+class TrackingConfig(Strict):
+    tracking_uri: str | None = None  # default: sqlite:///<run_dir>/mlflow.db (absolute)
+    experiment: str = "puma-ray"
+    artifact_location: str | None = None  # default: <run_dir>/mlartifacts
+
+
+class RayConfig(Strict):
+    address: str | None = None  # None: RAY_ADDRESS if set, else a new local instance
+    num_cpus: PositiveInt | None = None  # only for a new local instance
+    object_store_memory: PositiveInt | None = None  # bytes; only for a new local instance
+    num_workers: NonNegInt = 1  # Ray Train workers; 0 runs the loop in-process
+    cpus_per_worker: PositiveFloat = 1.0
+    use_gpu: bool = False
+
+
+class PipelineConfig(Strict):
+    name: str = "demo"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    margin_model: MarginModelConfig = Field(default_factory=MarginModelConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    pruning: PruningConfig = Field(default_factory=PruningConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides, error messages.
+
+
+def _format_error(err: dict[str, Any], source: str) -> str:
+    loc = ""
+    for part in err["loc"]:
+        if isinstance(part, int):
+            loc += f"[{part}]"
+        elif part in ("builtin", "npz", "torchvision") and loc.endswith("]"):
+            continue  # pydantic inserts the discriminator tag into the path
+        else:
+            loc += f".{part}" if loc else str(part)
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        msg = "unknown key"
+    elif kind == "missing":
+        msg = "required key is missing"
+    elif kind == "value_error":
+        msg = msg.removeprefix("Value error, ")  # our own messages already say what was given
+    elif kind == "union_tag_invalid":
+        msg = "unknown source type (expected builtin, npz or torchvision)"
+    if kind not in ("extra_forbidden", "missing", "value_error") and "input" in err:
+        msg += f" (got {err['input']!r})"
+    where = f"{source}: " if source else ""
+    return f"{where}{loc or '<root>'}: {msg}"
+
+
+def validate(raw: dict[str, Any], source: str = "") -> PipelineConfig:
+    """Validate a plain dict; raise ConfigError whose first line names the first bad field."""
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = [_format_error(err, source) for err in e.errors()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. training.epochs=3")
+    key, value = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return parts, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `raw` with each 'a.b.c=value' applied (value parsed as YAML)."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        parts, value = _parse_override(item)
+        node = out
+        for i, p in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                try:
+                    node = node[int(p)]
+                except (ValueError, IndexError):
+                    raise ConfigError(
+                        f"--set {item}: {'.'.join(parts[: i + 1])} is not a list index"
+                    ) from None
+                continue
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict | list):
+                raise ConfigError(f"--set {item}: {'.'.join(parts[: i + 1])} is not a section")
+            node = nxt
+        if isinstance(node, list):
+            node[int(parts[-1])] = value
+        else:
+            node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return raw
+
+
+def default_raw() -> dict[str, Any]:
+    """The embedded default (the demo) as a plain dict, in the same form a YAML file has."""
+    return PipelineConfig().model_dump(mode="json")
+
+
+def smoke_test_overrides() -> list[str]:
+    """`--smoke-test`: tiny data and one short epoch, so any config runs in a minute on 2 CPUs."""
+    return [
+        "data.sources=[{type: builtin, real_train: 512, real_test: 256, synthetic: 1024}]",
+        "data.rows_per_shard=512",
+        "margin_model.train.epochs=1",
+        "training.epochs=1",
+        "training.batch_size=64",
+        "margin_model.train.batch_size=64",
+        "scoring.max_iter=10",
+        "evaluation.subset=128",
+        "evaluation.pgd_steps=5",
+        "ray.num_workers=1",
+        "ray.num_cpus=2",
+    ]
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    *,
+    smoke_test: bool = False,
+) -> PipelineConfig:
+    """Read a YAML config (or the embedded default), apply overrides, validate."""
+    raw = read_yaml(path) if path is not None else {}
+    source = os.fspath(path) if path is not None else "<default>"
+    # smoke-test shrinks first, so explicit --set values still win over it
+    raw = apply_overrides(raw, (smoke_test_overrides() if smoke_test else []) + (overrides or []))
+    return validate(raw, source)
+
+
+def dump_yaml(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
