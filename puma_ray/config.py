@@ -411,6 +411,17 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return raw
 
 
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Sections merge key by key; lists and scalars in `top` replace those in `base`."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def default_raw() -> dict[str, Any]:
     """The embedded default (the demo) as a plain dict, in the same form a YAML file has."""
     return PipelineConfig().model_dump(mode="json")
@@ -440,7 +451,8 @@ def load_config(
     smoke_test: bool = False,
 ) -> PipelineConfig:
     """Read a YAML config (or the embedded default), apply overrides, validate."""
-    raw = read_yaml(path) if path is not None else {}
+    # Start from the defaults so `--set data.sources.0.noise=0.2` finds the list it indexes.
+    raw = _merge(default_raw(), read_yaml(path) if path is not None else {})
     source = os.fspath(path) if path is not None else "<default>"
     # smoke-test shrinks first, so explicit --set values still win over it
     raw = apply_overrides(raw, (smoke_test_overrides() if smoke_test else []) + (overrides or []))

@@ -1,0 +1,138 @@
+"""`puma-ray STAGE [CONFIG] [--set k=v ...] [--run-dir DIR] [Ray flags]`.
+
+The CLI only parses, validates and calls the stage modules; heavy imports (torch, Ray) happen
+inside the commands so `--help` and config errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+
+from puma_ray.config import PipelineConfig, dump_yaml, load_config
+from puma_ray.errors import PumaRayError
+
+DEFAULT_RUNS = "runs"
+
+
+def _common(p: argparse.ArgumentParser, *, config_positional: bool = True) -> None:
+    if config_positional:
+        p.add_argument(
+            "config",
+            nargs="?",
+            help="pipeline YAML (default: the embedded demo, as in tune_configs/demo.yaml)",
+        )
+    else:
+        p.add_argument("--config", help="pipeline YAML (default: the embedded demo)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set training.epochs=3 (repeatable)",
+    )
+    p.add_argument("--run-dir", help="where stage outputs go (default: runs/<config name>)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
+    p.add_argument("--num-workers", type=int, help="Ray Train workers (0 = in-process)")
+    p.add_argument("--use-gpu", action="store_true", help="use GPUs for scoring and training")
+    p.add_argument(
+        "--smoke-test", action="store_true", help="tiny data and one epoch: a quick 2-CPU check"
+    )
+
+
+def _config(args: argparse.Namespace) -> PipelineConfig:
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
+    if args.num_workers is not None:
+        overrides.append(f"ray.num_workers={args.num_workers}")
+    if args.use_gpu:
+        overrides.append("ray.use_gpu=true")
+    return load_config(args.config, overrides, smoke_test=args.smoke_test)
+
+
+def _run_dir(args: argparse.Namespace, cfg: PipelineConfig) -> str:
+    run_dir = args.run_dir or os.path.join(DEFAULT_RUNS, cfg.name)
+    if "://" in run_dir:
+        return run_dir
+    return os.path.abspath(os.path.expanduser(run_dir))
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands. Each returns a process exit code.
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    sys.stdout.write(dump_yaml(cfg))
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    run_dir = _run_dir(args, cfg)
+    from puma_ray.ingest import run_ingest
+    from puma_ray.runtime import ensure_ray
+
+    if args.parallel:
+        ensure_ray(cfg.ray)
+    summary = run_ingest(cfg, run_dir, parallel=args.parallel, force=args.force)
+    _say(summary.format())
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+    "ingest": (cmd_ingest, "build Parquet sample shards from the configured sources"),
+    "config": (cmd_config, "print the fully resolved config (defaults, file and --set merged)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="puma-ray",
+        description="Margin-based data pruning (PUMA) for adversarial training, on Ray.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_fn, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _common(p)
+        if name == "ingest":
+            p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+            p.add_argument(
+                "--no-parallel",
+                dest="parallel",
+                action="store_false",
+                help="generate shards in this process instead of Ray tasks",
+            )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    fn = COMMANDS[args.command][0]
+    start = time.perf_counter()
+    try:
+        code = fn(args)
+    except PumaRayError as e:
+        print(f"puma-ray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"\npuma-ray {args.command}: interrupted after {time.perf_counter() - start:.0f}s; "
+            "finished parts are kept, rerun the same command to continue",
+            file=sys.stderr,
+        )
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Connecting to Ray the way Ray users expect: RAY_ADDRESS or --address joins a cluster, else a new
+local instance sized by the config. Stage modules call `ensure_ray(cfg.ray)` and nothing else."""
+
+from __future__ import annotations
+
+import os
+
+from puma_ray.config import RayConfig
+
+
+def ensure_ray(ray_cfg: RayConfig) -> None:
+    """Initialise Ray once per process. Idempotent, so stages can be chained in one driver."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # A cluster decides its own resources; passing num_cpus to an existing cluster is an error.
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # address="local" forces a fresh instance even if a stale /tmp/ray cluster file exists.
+        ray.init(
+            address="local",
+            num_cpus=ray_cfg.num_cpus,
+            object_store_memory=ray_cfg.object_store_memory,
+            log_to_driver=True,
+        )
+    ctx = ray.data.DataContext.get_current()
+    # Hash shuffles default to 200 partitions, which dominates run time on small machines.
+    ctx.default_hash_shuffle_parallelism = max(4, int(ray.cluster_resources().get("CPU", 4)))
