@@ -89,8 +89,23 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    run_dir = _run_dir(args, cfg)
+    from puma_ray.runtime import ensure_ray
+    from puma_ray.score import run_score
+
+    ensure_ray(cfg.ray)
+    summary = run_score(
+        cfg, run_dir, force=args.force, embeddings=True if args.embeddings else None, log=_say
+    )
+    _say(summary.format())
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "ingest": (cmd_ingest, "build Parquet sample shards from the configured sources"),
+    "score": (cmd_score, "DeepFool margin of every training sample, on a Ray Data actor pool"),
     "config": (cmd_config, "print the fully resolved config (defaults, file and --set merged)"),
 }
 
@@ -104,8 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_fn, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         _common(p)
+        if name in ("ingest", "score"):
+            p.add_argument("--force", action="store_true", help="redo even if up to date")
+        if name == "score":
+            p.add_argument(
+                "--embeddings",
+                action="store_true",
+                help="also write penultimate-layer embeddings (for the extrapolated strategy)",
+            )
         if name == "ingest":
-            p.add_argument("--force", action="store_true", help="rebuild even if up to date")
             p.add_argument(
                 "--no-parallel",
                 dest="parallel",

@@ -27,7 +27,7 @@ import pyarrow.dataset as pads
 
 from puma_ray import storage
 from puma_ray.config import PipelineConfig
-from puma_ray.errors import CheckpointError, PumaRayError
+from puma_ray.errors import CheckpointError, DataError, PumaRayError
 
 SCORE_SCHEMA = pa.schema(
     [
@@ -260,8 +260,13 @@ def _input_ids(dataset) -> dict[str, np.ndarray]:
     out = {}
     for path in dataset.files:
         fs, p = storage.resolve(path)
-        with fs.open_input_file(p) as f:
-            ids = pq.read_table(f, columns=["id"]).column("id").to_numpy()
+        try:
+            with fs.open_input_file(p) as f:
+                ids = pq.read_table(f, columns=["id"]).column("id").to_numpy()
+        except (OSError, pa.ArrowInvalid) as e:
+            raise DataError(
+                f"{path}: unreadable sample shard ({e}); re-run `puma-ray ingest`"
+            ) from None
         out[_shard_name(path)] = np.sort(ids)
     return out
 

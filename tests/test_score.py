@@ -1,0 +1,265 @@
+"""Scoring stage on a real local Ray: equals the single-process engine, exactly once, resumable,
+survives a killed actor, and refuses bad inputs before any work."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import torch
+
+from puma_ray import storage
+from puma_ray.config import load_config
+from puma_ray.errors import CheckpointError, DataError
+
+ROWS_PER_SHARD = 100
+
+
+def _cfg(**over):
+    sets = [
+        "data.sources=[{type: builtin, real_train: 200, real_test: 50, synthetic: 400}]",
+        f"data.rows_per_shard={ROWS_PER_SHARD}",
+        "scoring.max_iter=20",
+        "scoring.batch_size=32",
+        "scoring.pool_min=2",
+        "scoring.pool_max=2",
+    ]
+    return load_config(None, sets + [f"{k}={v}" for k, v in over.items()])
+
+
+def _train_margin_model(run_dir, cfg, num_classes=10):
+    """A briefly trained small CNN, so margins vary (a random net misclassifies almost all)."""
+    from puma_ray.data import dataset_dirs, open_dataset
+    from puma_ray.models import create_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=num_classes)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    data = open_dataset(dataset_dirs(run_dir)[0])
+    model.train()
+    for _ in range(3):
+        for batch in data.iter_batches(batch_size=64):
+            x = torch.from_numpy(batch.images).permute(0, 3, 1, 2).float() / 255
+            loss = torch.nn.functional.cross_entropy(
+                model(x), torch.from_numpy(batch.labels) % num_classes
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    path = os.path.join(run_dir, "margin_model", "model.pt")
+    save_checkpoint(path, model)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory, ray_local):
+    from puma_ray.ingest import run_ingest
+    from puma_ray.score import run_score
+
+    run_dir = str(tmp_path_factory.mktemp("score_run"))
+    cfg = _cfg()
+    run_ingest(cfg, run_dir, parallel=False)
+    _train_margin_model(run_dir, cfg)
+    summary = run_score(cfg, run_dir, log=lambda _m: None)
+    return run_dir, cfg, summary
+
+
+def _scores(run_dir, sub="scores"):
+    fs, path = storage.resolve(os.path.join(run_dir, sub))
+    table = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table()
+    return table.sort_by("id").to_pydict()
+
+
+def test_scores_equal_single_process_engine(scored_run):
+    from puma_ray.attacks import deepfool
+    from puma_ray.data import dataset_dirs, open_dataset
+    from puma_ray.models import load_checkpoint
+
+    run_dir, cfg, summary = scored_run
+    model, _ = load_checkpoint(os.path.join(run_dir, "margin_model", "model.pt"))
+    model.eval()
+    data = open_dataset(dataset_dirs(run_dir)[0])
+    ids, margins, iters, adv = [], [], [], []
+    for batch in data.iter_batches(batch_size=600):
+        x = torch.from_numpy(batch.images).permute(0, 3, 1, 2).float() / 255
+        res = deepfool(
+            model, x, torch.from_numpy(batch.labels), norm="l2", max_iter=20, overshoot=0.02
+        )
+        ids.append(batch.ids)
+        margins.append(res.margin.numpy())
+        iters.append(res.iters.numpy())
+        adv.append(res.adv_class.numpy())
+    order = np.argsort(np.concatenate(ids))
+    ref_margin = np.concatenate(margins)[order]
+    got = _scores(run_dir)
+    assert np.array_equal(np.sort(np.concatenate(ids)), np.array(got["id"]))
+    np.testing.assert_allclose(np.array(got["margin"]), ref_margin, rtol=1e-4, atol=1e-6)
+    assert np.array_equal(np.array(got["iters"]), np.concatenate(iters)[order])
+    assert np.array_equal(np.array(got["adv_class"]), np.concatenate(adv)[order])
+    # the margin model is imperfect: some margins are 0 (misclassified), most are positive
+    assert 0 < summary.misclassified < summary.rows
+    assert (np.array(got["margin"]) > 0).sum() > summary.rows // 2
+
+
+def test_exactly_once_and_manifest(scored_run):
+    run_dir, cfg, summary = scored_run
+    got = _scores(run_dir)
+    assert summary.rows == 600 and summary.shards_total == 6
+    assert len(got["id"]) == 600 and len(set(got["id"])) == 600
+    manifest = json.loads(open(os.path.join(run_dir, "scores", "manifest.json")).read())
+    assert manifest["rows_per_shard"] == {f"part-{i:05d}": ROWS_PER_SHARD for i in range(6)}
+    assert manifest["state"]["deepfool"]["max_iter"] == 20
+    assert manifest["pool_max"] == 2
+    assert sum(sum(c) for c in manifest["margin_histogram"]["counts"].values()) == 600
+    assert set(summary.quantiles) == {"real", "synthetic"}
+
+
+def test_rerun_is_a_no_op(scored_run):
+    from puma_ray.score import run_score
+
+    run_dir, cfg, _ = scored_run
+    again = run_score(cfg, run_dir, log=lambda _m: None)
+    assert again.skipped_stage
+    assert "up to date" in again.format()
+
+
+def test_resume_rescores_only_missing_shards(scored_run, tmp_path):
+    import shutil
+
+    from puma_ray.score import run_score
+
+    run_dir, cfg, _ = scored_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run_dir, copy)
+    before = _scores(copy)
+    scores = os.path.join(copy, "scores")
+    # an interrupted run: no manifest, one shard never written, one cut short mid-file
+    os.remove(os.path.join(scores, "manifest.json"))
+    shutil.rmtree(os.path.join(scores, "shard=part-00001"))
+    victim_dir = os.path.join(scores, "shard=part-00004")
+    victim = os.path.join(victim_dir, sorted(os.listdir(victim_dir))[0])
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)
+    cfg_copy = cfg.model_copy(deep=True)
+    cfg_copy.margin_model.checkpoint = os.path.join(run_dir, "margin_model", "model.pt")
+    summary = run_score(cfg_copy, copy, log=lambda _m: None)
+    assert summary.shards_skipped == 4
+    assert summary.rows_scored_now == 2 * ROWS_PER_SHARD
+    after = _scores(copy)
+    assert after["id"] == before["id"]
+    np.testing.assert_allclose(after["margin"], before["margin"], rtol=1e-5, atol=1e-7)
+
+
+def test_changed_settings_discard_old_scores(scored_run, tmp_path):
+    import shutil
+
+    from puma_ray.score import run_score
+
+    run_dir, cfg, _ = scored_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run_dir, copy)
+    messages = []
+    cfg2 = cfg.model_copy(deep=True)
+    cfg2.scoring.max_iter = 5
+    summary = run_score(cfg2, copy, log=messages.append)
+    assert summary.shards_skipped == 0 and summary.rows_scored_now == 600
+    assert any("discarding" in m for m in messages)
+    manifest = json.loads(open(os.path.join(copy, "scores", "manifest.json")).read())
+    assert manifest["state"]["deepfool"]["max_iter"] == 5
+    assert max(_scores(copy)["iters"]) <= 5
+
+
+def test_killed_actor_still_exactly_once(scored_run, tmp_path):
+    """SIGKILL one scorer actor's process mid-run: Ray restarts it and retries its batches."""
+    import shutil
+
+    from ray.util.state import list_actors
+
+    from puma_ray.score import run_score
+
+    run_dir, cfg, _ = scored_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run_dir, copy)
+    cfg2 = cfg.model_copy(deep=True)
+    cfg2.scoring.batch_size = 8  # many small batches, so the kill lands mid-run
+    cfg2.margin_model.checkpoint = os.path.join(run_dir, "margin_model", "model.pt")
+    killed = []
+
+    def killer():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+            scorers = [a for a in actors if "MarginScorer" in (a.class_name or "")]
+            if scorers and os.path.exists(os.path.join(copy, "scores", "state.json")):
+                time.sleep(2.0)  # let it take some batches first
+                os.kill(scorers[0].pid, signal.SIGKILL)
+                killed.append(scorers[0].pid)
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = run_score(cfg2, copy, force=True, log=lambda _m: None)
+    thread.join(timeout=5)
+    assert killed, "no scorer actor was found to kill"
+    got = _scores(copy)
+    assert len(got["id"]) == 600 and len(set(got["id"])) == 600
+    assert summary.rows_scored_now == 600
+
+
+def test_embeddings_pass(scored_run, tmp_path):
+    import shutil
+
+    from puma_ray.score import run_score
+
+    run_dir, cfg, _ = scored_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run_dir, copy)
+    run_score(cfg, copy, embeddings=True, log=lambda _m: None)
+    emb = _scores(copy, "embeddings")
+    assert len(emb["id"]) == 600 and len(set(emb["id"])) == 600
+    dims = {len(e) for e in emb["embedding"]}
+    assert len(dims) == 1 and dims.pop() > 1
+    assert os.path.exists(os.path.join(copy, "embeddings", "manifest.json"))
+
+
+def test_mismatched_checkpoint_refused_before_work(scored_run, tmp_path):
+    import shutil
+
+    from puma_ray.models import create_model, save_checkpoint
+    from puma_ray.score import run_score
+
+    run_dir, cfg, _ = scored_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("scores"))
+    bad = str(tmp_path / "five_classes.pt")
+    save_checkpoint(bad, create_model("small_cnn", num_classes=5))
+    cfg2 = cfg.model_copy(deep=True)
+    cfg2.margin_model.checkpoint = bad
+    with pytest.raises(CheckpointError, match="five_classes.pt"):
+        run_score(cfg2, copy, log=lambda _m: None)
+    assert not os.path.exists(os.path.join(copy, "scores"))
+    cfg2.margin_model.checkpoint = str(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="missing.pt: margin model checkpoint not found"):
+        run_score(cfg2, copy, log=lambda _m: None)
+
+
+def test_corrupt_input_shard_names_the_file(scored_run, tmp_path):
+    import shutil
+
+    from puma_ray.score import run_score
+
+    run_dir, cfg, _ = scored_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("scores"))
+    shard = os.path.join(copy, "data", "train", "part-00002.parquet")
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) - 100)
+    cfg2 = cfg.model_copy(deep=True)
+    cfg2.margin_model.checkpoint = os.path.join(run_dir, "margin_model", "model.pt")
+    with pytest.raises(DataError, match="part-00002.parquet"):
+        run_score(cfg2, copy, log=lambda _m: None)
