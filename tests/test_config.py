@@ -32,7 +32,8 @@ def test_demo_yaml_equals_embedded_default():
 
 
 def test_every_tune_config_validates():
-    configs = sorted(f for f in os.listdir(os.path.join(ROOT, "tune_configs")) if f.endswith(".yaml"))
+    names = os.listdir(os.path.join(ROOT, "tune_configs"))
+    configs = sorted(f for f in names if f.endswith(".yaml"))
     assert "demo.yaml" in configs
     for name in configs:
         load_config(os.path.join(ROOT, "tune_configs", name))
