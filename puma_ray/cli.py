@@ -103,9 +103,28 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    run_dir = _run_dir(args, cfg)
+    from puma_ray.prune import run_prune
+    from puma_ray.runtime import ensure_ray
+
+    if args.parallel:
+        ensure_ray(cfg.ray)
+    out_dir = args.out_dir
+    if out_dir and "://" not in out_dir:
+        out_dir = os.path.abspath(os.path.expanduser(out_dir))
+    summary = run_prune(
+        cfg, run_dir, force=args.force, parallel=args.parallel, out_dir=out_dir, log=_say
+    )
+    _say(summary.format())
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "ingest": (cmd_ingest, "build Parquet sample shards from the configured sources"),
     "score": (cmd_score, "DeepFool margin of every training sample, on a Ray Data actor pool"),
+    "prune": (cmd_prune, "pick the kept set (PUMA or a baseline) and each sample's epsilon"),
     "config": (cmd_config, "print the fully resolved config (defaults, file and --set merged)"),
 }
 
@@ -119,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_fn, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         _common(p)
-        if name in ("ingest", "score"):
+        if name in ("ingest", "score", "prune"):
             p.add_argument("--force", action="store_true", help="redo even if up to date")
         if name == "score":
             p.add_argument(
@@ -127,12 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="also write penultimate-layer embeddings (for the extrapolated strategy)",
             )
-        if name == "ingest":
+        if name in ("ingest", "prune"):
             p.add_argument(
                 "--no-parallel",
                 dest="parallel",
                 action="store_false",
-                help="generate shards in this process instead of Ray tasks",
+                help="do the work in this process instead of Ray tasks (same result)",
+            )
+        if name == "prune":
+            p.add_argument(
+                "--out-dir",
+                help="where the kept set goes (default: <run_dir>/kept; one per sweep trial)",
             )
     return parser
 

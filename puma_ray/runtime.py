@@ -4,6 +4,7 @@ local instance sized by the config. Stage modules call `ensure_ray(cfg.ray)` and
 from __future__ import annotations
 
 import os
+import sys
 
 from puma_ray.config import RayConfig
 
@@ -28,5 +29,7 @@ def ensure_ray(ray_cfg: RayConfig) -> None:
             log_to_driver=True,
         )
     ctx = ray.data.DataContext.get_current()
+    # Ray Data's bars help at a terminal; in job logs (not a TTY) the stages print rate lines.
+    ctx.enable_progress_bars = sys.stderr.isatty()
     # Hash shuffles default to 200 partitions, which dominates run time on small machines.
     ctx.default_hash_shuffle_parallelism = max(4, int(ray.cluster_resources().get("CPU", 4)))

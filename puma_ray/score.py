@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -70,7 +71,16 @@ def margin_model_path(cfg: PipelineConfig, run_dir: str) -> str:
 class MarginScorer:
     """`map_batches` callable: decode images, run batched DeepFool, return score rows."""
 
-    def __init__(self, checkpoint: str, image_shape, settings: dict, threads: int, device: str):
+    def __init__(
+        self,
+        checkpoint: str,
+        image_shape,
+        settings: dict,
+        threads: int,
+        device: str,
+        subset: dict | None = None,
+        counter: str | None = None,
+    ):
         import torch
 
         from puma_ray.models import load_checkpoint
@@ -81,6 +91,8 @@ class MarginScorer:
         self.model.eval()
         self.image_shape = tuple(image_shape)
         self.settings = settings
+        self.counter = counter
+        self.subset = subset  # score only this hash-chosen subset (pruning.strategy=extrapolated)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
@@ -89,6 +101,10 @@ class MarginScorer:
         from puma_ray.data import decode_images
 
         start = time.perf_counter()
+        if self.subset is not None:
+            batch = batch.filter(pa.array(_in_subset(batch.column("id"), self.subset)))
+            if batch.num_rows == 0:
+                return SCORE_SCHEMA.empty_table()
         images = decode_images(batch.column("image"), self.image_shape)
         x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div_(255)
         labels_np = batch.column("label").to_numpy().astype(np.int64)
@@ -96,6 +112,7 @@ class MarginScorer:
         res = deepfool(self.model, x, y, **self.settings)
         seconds = (time.perf_counter() - start) / max(1, len(labels_np))
         paths = batch.column("path").to_pylist()
+        _report_rows(self.counter, len(labels_np))
         return pa.table(
             {
                 "id": batch.column("id"),
@@ -116,11 +133,14 @@ class MarginScorer:
 class EmbeddingScorer:
     """Callable class for `map_batches`: penultimate features (float16) for k-NN extrapolation."""
 
-    def __init__(self, checkpoint: str, image_shape, threads: int, device: str):
+    def __init__(
+        self, checkpoint: str, image_shape, threads: int, device: str, counter: str | None = None
+    ):
         import torch
 
         from puma_ray.models import load_checkpoint
 
+        self.counter = counter
         torch.set_num_threads(max(1, threads))
         self.device = torch.device(device)
         self.model, _ = load_checkpoint(checkpoint, map_location=self.device)
@@ -137,6 +157,7 @@ class EmbeddingScorer:
         with torch.inference_mode():
             emb = self.model.forward_features(x).float().cpu().numpy().astype(np.float16)
         flat = pa.array(emb.reshape(-1))
+        _report_rows(self.counter, len(emb))
         return pa.table(
             {
                 "id": batch.column("id"),
@@ -214,19 +235,27 @@ def _check_inputs(cfg: PipelineConfig, run_dir: str):
     return dataset, ckpt, model_fingerprint(ckpt)
 
 
-def _pool(cfg: PipelineConfig):
+def _pool(cfg: PipelineConfig, log):
+    """Actor pool bounds. The pool must leave one CPU free: Ray Data's read, list and write
+    tasks need a whole CPU slot, and a pool holding every CPU stalls the stream forever
+    (measured on Ray 2.60). On a 2-CPU machine use e.g. 2 actors x `cpus_per_actor: 0.5`."""
     import ray
 
     s = cfg.scoring
+    cpus = ray.cluster_resources().get("CPU", 1)
     if s.pool_max is not None:
         max_size = s.pool_max
+    elif s.gpus_per_actor > 0:
+        max_size = int(ray.cluster_resources().get("GPU", 0) // s.gpus_per_actor)
     else:
-        resources = ray.cluster_resources()
-        if s.gpus_per_actor > 0:
-            max_size = int(resources.get("GPU", 0) // s.gpus_per_actor)
-        else:
-            max_size = int(resources.get("CPU", 1) // s.cpus_per_actor)
-    max_size = max(s.pool_min, max_size)
+        max_size = int((cpus - 1) // s.cpus_per_actor)
+    max_size = max(s.pool_min, max_size, 1)
+    if cpus - max_size * s.cpus_per_actor < 1:
+        log(
+            f"score: warning: {max_size} actors x scoring.cpus_per_actor={s.cpus_per_actor} "
+            f"leave less than 1 of the cluster's {cpus:g} CPUs for reading and writing; the "
+            "stream can stall unless the cluster scales up (lower pool_max or cpus_per_actor)"
+        )
     return ray.data.ActorPoolStrategy(min_size=s.pool_min, max_size=max_size), max_size
 
 
@@ -236,7 +265,7 @@ def _committed_shards(out_dir: str, expected: dict[str, np.ndarray]) -> dict[str
     for name, ids in expected.items():
         part = storage.join(out_dir, f"shard={name}")
         if not storage.exists(part):
-            done[name] = False
+            done[name] = len(ids) == 0  # a shard with nothing to score (subset) is done
             continue
         try:
             got = _read_column(part, "id")
@@ -252,7 +281,25 @@ def _read_column(part_dir: str, column: str) -> np.ndarray:
     return table.column(column).to_numpy()
 
 
-def _input_ids(dataset) -> dict[str, np.ndarray]:
+def _in_subset(ids, subset: dict | None) -> np.ndarray:
+    from puma_ray.selection import extrapolation_subset
+
+    ids = np.asarray(ids)
+    if subset is None:
+        return np.ones(len(ids), bool)
+    return extrapolation_subset(ids, subset["fraction"], subset["seed"])
+
+
+def _scored_subset(cfg: PipelineConfig) -> dict | None:
+    """Under `extrapolated` pruning only a random subset is DeepFool-scored (Nieth et al.);
+    the rest get margins from their nearest scored neighbours at prune time."""
+    p = cfg.pruning
+    if p.strategy != "extrapolated":
+        return None
+    return {"fraction": p.extrapolation.scored_fraction, "seed": p.seed}
+
+
+def _input_ids(dataset, subset: dict | None = None) -> dict[str, np.ndarray]:
     """Sorted ids per input shard: the reference for exactly-once (one shard in memory at a time
     during the check; the dict itself holds 8 bytes per row, read once)."""
     import pyarrow.parquet as pq
@@ -267,8 +314,77 @@ def _input_ids(dataset) -> dict[str, np.ndarray]:
             raise DataError(
                 f"{path}: unreadable sample shard ({e}); re-run `puma-ray ingest`"
             ) from None
-        out[_shard_name(path)] = np.sort(ids)
+        out[_shard_name(path)] = np.sort(ids[_in_subset(ids, subset)])
     return out
+
+
+class RowCounter:
+    """A tiny Ray actor the scorers tell how many rows they finished: Ray Data publishes the
+    output files only at the end of the write, so the driver cannot count them as it goes.
+    Retried batches count twice; the line it feeds is progress, not the exactly-once check."""
+
+    def __init__(self):
+        self.rows = 0
+
+    def add(self, n: int) -> None:
+        self.rows += n
+
+    def get(self) -> int:
+        return self.rows
+
+
+class _RateLine:
+    """Logs `rows done/total, rows/s, ETA` every `every` seconds while a pass runs (Ray Data's
+    own bars are off unless on a TTY, and `ray job submit` logs are not a TTY)."""
+
+    def __init__(self, total: int, kind: str, log, every: float = 30.0):
+        import ray
+
+        self.total, self.kind, self.log, self.every = total, kind, log, every
+        self.name = f"puma_ray_rows_{os.getpid()}_{time.time_ns()}"
+        self.counter = ray.remote(num_cpus=0)(RowCounter).options(name=self.name).remote()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        import ray
+
+        self._stop.set()
+        self._thread.join(timeout=5)
+        ray.kill(self.counter)
+
+    def _run(self) -> None:
+        import ray
+
+        while not self._stop.wait(self.every):
+            try:
+                done = min(self.total, ray.get(self.counter.get.remote(), timeout=10))
+            except Exception:  # progress must never break the stage
+                continue
+            elapsed = time.perf_counter() - self._start
+            rate = done / elapsed if elapsed > 0 else 0.0
+            eta = f"{(self.total - done) / rate:.0f}s" if rate > 0 else "?"
+            self.log(
+                f"{self.kind}: {done:,}/{self.total:,} rows "
+                f"({100 * done / max(1, self.total):.0f}%), {rate:,.0f} rows/s, ETA {eta}"
+            )
+
+
+def _report_rows(name: str | None, n: int) -> None:
+    """Fire-and-forget: tell the driver's RowCounter that `n` rows are done."""
+    if not name:
+        return
+    import ray
+
+    try:
+        ray.get_actor(name).add.remote(n)
+    except ValueError:  # the counter is gone (the pass ended); nothing to report to
+        pass
 
 
 def _fingerprint(obj) -> str:
@@ -282,6 +398,7 @@ def run_score(
     force: bool = False,
     embeddings: bool | None = None,
     log=print,
+    progress_every: float = 30.0,
 ) -> ScoreSummary:
     """Score every training sample; resume shard-wise; verify exactly-once; write manifest last.
 
@@ -294,11 +411,24 @@ def run_score(
         "margin_model_fingerprint": model_fp,
         "dataset_fingerprint": dataset.info.fingerprint,
         "deepfool": settings,
+        "subset": _scored_subset(cfg),
     }
     out_dir = scores_dir(run_dir)
-    summary = _score_pass(cfg, dataset, ckpt, out_dir, state, force=force, log=log, kind="margins")
-    if embeddings if embeddings is not None else cfg.scoring.embeddings:
-        emb_state = {k: v for k, v in state.items() if k != "deepfool"}
+    summary = _score_pass(
+        cfg,
+        dataset,
+        ckpt,
+        out_dir,
+        state,
+        force=force,
+        log=log,
+        kind="margins",
+        every=progress_every,
+    )
+    if embeddings is None:
+        embeddings = cfg.scoring.embeddings or cfg.pruning.strategy == "extrapolated"
+    if embeddings:
+        emb_state = {k: v for k, v in state.items() if k not in ("deepfool", "subset")}
         _score_pass(
             cfg,
             dataset,
@@ -308,11 +438,12 @@ def run_score(
             force=force,
             log=log,
             kind="embeddings",
+            every=progress_every,
         )
     return summary
 
 
-def _score_pass(cfg, dataset, ckpt, out_dir, state, *, force, log, kind) -> ScoreSummary:
+def _score_pass(cfg, dataset, ckpt, out_dir, state, *, force, log, kind, every) -> ScoreSummary:
     import ray
 
     state_fp = _fingerprint(state)
@@ -322,7 +453,7 @@ def _score_pass(cfg, dataset, ckpt, out_dir, state, *, force, log, kind) -> Scor
     if storage.exists(manifest_path) and not force:
         manifest = json.loads(storage.read_bytes(manifest_path))
         if manifest.get("state_fingerprint") == state_fp:
-            return ScoreSummary(**manifest["summary"], skipped_stage=True)
+            return ScoreSummary(**{**manifest["summary"], "skipped_stage": True})
     if storage.exists(state_path) and not force:
         old = json.loads(storage.read_bytes(state_path))
         if old.get("fingerprint") != state_fp:
@@ -333,7 +464,7 @@ def _score_pass(cfg, dataset, ckpt, out_dir, state, *, force, log, kind) -> Scor
     storage.delete(manifest_path)  # from here on the directory is "in progress"
     storage.atomic_write_bytes(state_path, json.dumps({**state, "fingerprint": state_fp}).encode())
 
-    expected = _input_ids(dataset)
+    expected = _input_ids(dataset, state.get("subset"))
     done = _committed_shards(out_dir, expected)
     todo = [f for f in dataset.files if not done[_shard_name(f)]]
     for name in (n for n, ok in done.items() if not ok):
@@ -348,20 +479,23 @@ def _score_pass(cfg, dataset, ckpt, out_dir, state, *, force, log, kind) -> Scor
     pool_size = 0
     if todo:
         s = cfg.scoring
-        compute, pool_size = _pool(cfg)
+        compute, pool_size = _pool(cfg, log)
         device = "cuda" if s.gpus_per_actor > 0 else "cpu"
         threads = max(1, int(s.cpus_per_actor))
         if kind == "margins":
-            fn, kwargs = MarginScorer, {"settings": state["deepfool"]}
+            fn, kwargs = MarginScorer, {"settings": state["deepfool"], "subset": state["subset"]}
         else:
             fn, kwargs = EmbeddingScorer, {}
         fs, out_path = storage.resolve(out_dir)
-        ds = ray.data.read_parquet(
-            todo, include_paths=True, columns=["id", "image", "label", "source"]
+        # Reads and writes are I/O: they take no CPU slot, so an actor pool that fills every CPU
+        # cannot starve them (which would deadlock the stream on a small cluster).
+        ds = ray.data.read_parquet(todo, include_paths=True, num_cpus=0).select_columns(
+            ["id", "image", "label", "source", "path"]
         )
-        with warnings.catch_warnings():
-            # Ray 2.60 has no named parameter for actor retries yet; ray_remote_args is the way.
-            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        with _RateLine(rows_todo, kind, log, every) as rate, warnings.catch_warnings():
+            # Ray 2.60 has no named parameter for actor retries; extra `**ray_remote_args` are
+            # the only way to set them explicitly, and they warn that they are deprecated.
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
             ds = ds.map_batches(
                 fn,
                 fn_constructor_kwargs={
@@ -369,6 +503,7 @@ def _score_pass(cfg, dataset, ckpt, out_dir, state, *, force, log, kind) -> Scor
                     "image_shape": tuple(info.image_shape),
                     "threads": threads,
                     "device": device,
+                    "counter": rate.name,
                     **kwargs,
                 },
                 compute=compute,
@@ -376,14 +511,16 @@ def _score_pass(cfg, dataset, ckpt, out_dir, state, *, force, log, kind) -> Scor
                 batch_format="pyarrow",
                 num_cpus=s.cpus_per_actor,
                 num_gpus=s.gpus_per_actor,
-                ray_remote_args={"max_restarts": s.max_retries, "max_task_retries": s.max_retries},
+                max_restarts=s.max_retries,
+                max_task_retries=s.max_retries,
             )
-        ds.write_parquet(
-            out_path,
-            filesystem=fs,
-            partition_cols=["shard"],
-            compression="zstd",
-        )
+            ds.write_parquet(
+                out_path,
+                filesystem=fs,
+                partition_cols=["shard"],
+                compression="zstd",
+                ray_remote_args={"num_cpus": 0},
+            )
     wall = time.perf_counter() - start
 
     stats = _verify_and_summarise(out_dir, expected, kind)
@@ -426,6 +563,8 @@ def _verify_and_summarise(out_dir: str, expected: dict[str, np.ndarray], kind: s
     for name, ids in expected.items():
         part = storage.join(out_dir, f"shard={name}")
         if not storage.exists(part):
+            if len(ids) == 0:
+                continue
             raise ScoringError(f"{part}: no scores were written for input shard {name}")
         fs, path = storage.resolve(part)
         cols = (

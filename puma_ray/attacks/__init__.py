@@ -1,0 +1,5 @@
+"""Adversarial attacks as pure tensor functions (no Ray, no I/O)."""
+
+from puma_ray.attacks.deepfool import DeepFoolResult, deepfool
+
+__all__ = ["DeepFoolResult", "deepfool"]
