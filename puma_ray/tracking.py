@@ -1,0 +1,152 @@
+"""MLflow runs for the stages: where the store is, the experiment, and runs that survive resumes.
+
+MLflow 3 defaults to `sqlite:///mlflow.db` in the *current* directory, and an experiment created
+inside a Ray worker gets its artifact root under that worker's ephemeral CWD. So the store and the
+artifact root are always absolute paths decided on the driver, and the experiment is created
+there (see /work/shared/notes/ray-mlflow.md §4). Workers receive only a tracking URI and a run id
+and log through `MlflowClient`, which keeps no process-global "active run" state.
+
+Tracking is on by default; `tracking.tracking_uri: none` (or `off`) turns it off, and a missing
+or broken MLflow install degrades to a one-line warning rather than failing a training run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from puma_ray import storage
+from puma_ray.config import TrackingConfig
+
+DISABLED_URIS = ("none", "off", "false", "disabled")
+
+
+def _local_base(run_dir: str | None) -> str:
+    if run_dir is not None and storage.is_local(run_dir):
+        return os.path.abspath(os.fspath(run_dir).removeprefix("file://"))
+    return os.getcwd()  # a remote run directory cannot hold a sqlite file
+
+
+def tracking_uri(cfg: TrackingConfig, run_dir: str | None) -> str | None:
+    """The tracking URI (absolute), or None when tracking is switched off."""
+    uri = cfg.tracking_uri
+    if uri is not None and uri.strip().lower() in DISABLED_URIS:
+        return None
+    if uri:
+        return uri
+    return f"sqlite:///{_local_base(run_dir)}/mlflow.db"
+
+
+def artifact_location(cfg: TrackingConfig, run_dir: str | None) -> str:
+    if cfg.artifact_location:
+        loc = cfg.artifact_location
+        return loc if "://" in loc else "file://" + os.path.abspath(loc)
+    return "file://" + os.path.join(_local_base(run_dir), "mlartifacts")
+
+
+@dataclass(frozen=True)
+class RunHandle:
+    """What a worker needs to log into a run created on the driver (picklable)."""
+
+    tracking_uri: str
+    run_id: str
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        """Log the finite numeric values of `metrics` at `step`."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        ]
+        if items:
+            self.client().log_batch(self.run_id, metrics=items)
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        self.client().log_artifact(self.run_id, path, artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client().set_terminated(self.run_id, status)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:6000]
+    return out
+
+
+def start_run(
+    cfg: TrackingConfig,
+    run_dir: str | None,
+    *,
+    run_name: str,
+    params: dict | None = None,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    resume_run_id: str | None = None,
+    log=print,
+) -> RunHandle | None:
+    """Create (or reopen, when `resume_run_id` names an existing run) an MLflow run on the
+    driver and return a handle for it; None when tracking is off or MLflow is unusable."""
+    uri = tracking_uri(cfg, run_dir)
+    if uri is None:
+        return None
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        if resume_run_id:
+            try:
+                run = client.get_run(resume_run_id)
+                if run.info.lifecycle_stage == "active":
+                    client.update_run(resume_run_id, status="RUNNING")
+                    return RunHandle(uri, resume_run_id)
+            except Exception:  # deleted store or run: start a new one
+                pass
+        exp = client.get_experiment_by_name(cfg.experiment)
+        if exp is None:
+            exp_id = client.create_experiment(
+                cfg.experiment, artifact_location=artifact_location(cfg, run_dir)
+            )
+        else:
+            exp_id = exp.experiment_id
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+        handle = RunHandle(uri, run.info.run_id)
+        if params:
+            from mlflow.entities import Param
+
+            flat = _flatten(params)
+            items = [Param(k, v) for k, v in sorted(flat.items())]
+            for i in range(0, len(items), 100):
+                client.log_batch(handle.run_id, params=items[i : i + 100])
+        return handle
+    except Exception as e:  # tracking must never take a training run down with it
+        log(f"warning: MLflow tracking disabled for this run ({type(e).__name__}: {e})")
+        return None
+
+
+def safe(fn, *args, log=print, **kwargs) -> None:
+    """Call a logging function; a failure becomes a warning."""
+    try:
+        fn(*args, **kwargs)
+    except Exception as e:
+        log(f"warning: MLflow logging failed ({type(e).__name__}: {str(e)[:200]})")

@@ -1,0 +1,811 @@
+"""`puma-ray train`: adversarial training on the kept set (or the full set, for the margin model)
+with Ray Train (DDP), per-sample epsilon, checkpoints every epoch and automatic resume.
+
+The loop, `train_loop(config)`, is a plain function of a dict. `run_train` hands it to
+`ray.train.torch.TorchTrainer` (CPU workers with gloo, GPU workers with nccl), or calls it in this
+process when `ray.num_workers == 0` (for debugging), through the same `_Session` interface.
+
+- Data: Ray Data streams the Parquet shards; Ray Train splits them across workers with an equal
+  streaming split, so the workers see disjoint rows and never hold a full copy. Each epoch
+  re-iterates with a local shuffle buffer. Images are decoded and augmented (random crop with
+  4 pixels of padding + horizontal flip) as whole-batch tensor ops.
+- Objectives: PGD-AT (Madry et al. 2018, arXiv:1706.06083) and TRADES (Zhang et al. 2019,
+  arXiv:1901.08573) with the per-sample eps of the kept set (`eps` column; PUMA shrinks it for
+  the lowest-margin samples), or `training.attack.epsilon` for every row of an unpruned set.
+  The attack runs on the unwrapped model in eval mode, so BatchNorm statistics come from the
+  training forward only and DDP sees exactly one forward/backward per step.
+- Optimiser: SGD-Nesterov, weight decay only on conv/linear weights (not BatchNorm or biases),
+  linear warm-up then cosine (or one-cycle / constant) stepped per batch; label smoothing; an
+  optional EMA of the weights with the usual warm-up decay min(d, (1+t)/(10+t)).
+- Epoch length follows the dataset (kept-set) size, so pruning saves compute.
+- Every epoch all ranks call `ray.train.report(metrics, checkpoint)`; only rank 0 writes the
+  checkpoint (model, EMA, optimiser, scheduler, epoch, torch RNG, metric history). The Ray run is
+  named `<name>-<fingerprint of every input>`, so rerunning the same inputs resumes from the last
+  checkpoint (or is a no-op once `summary.json` exists) and changed inputs never resume a stale one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from puma_ray import storage
+from puma_ray.attacks.pgd import pgd, trades_adv
+from puma_ray.config import AttackConfig, PipelineConfig, TrainingConfig
+from puma_ray.data import dataset_dirs, decode_images, open_dataset
+from puma_ray.errors import ConfigError, PumaRayError
+
+STATE_FILE = "state.pt"
+
+
+class TrainingError(PumaRayError):
+    """Training could not run or finish (bad inputs, or failures beyond `max_failures`)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch-level pieces: pure tensor code, tested directly.
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop after 4-pixel reflect padding, then a random horizontal flip, for a whole
+    NCHW batch at once (per-sample offsets via one gather, no Python loop over samples)."""
+    n, _, h, w = x.shape
+    pad = 4
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # [n, 1, h, 1]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # [n, 1, 1, w]
+    batch = torch.arange(n)[:, None, None, None]
+    chans = torch.arange(x.shape[1])[None, :, None, None]
+    out = padded[batch, chans, rows, cols]
+    flip = torch.rand(n, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def adversarial_batch(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: torch.Tensor | float,
+    *,
+    objective: str,
+    attack: AttackConfig,
+) -> torch.Tensor:
+    """The training inputs for one batch: PGD (pgd_at), the TRADES KL maximiser (trades) or x
+    itself (standard). `eps` is per sample ([N], pixel units); rows with eps 0 come back equal
+    to x, so they train clean. `model` should be the unwrapped module (not DDP)."""
+    if objective == "standard":
+        return x
+    was_training = model.training
+    model.eval()
+    try:
+        kw = dict(norm=attack.norm, steps=attack.steps, step_ratio=attack.step_ratio)
+        if objective == "pgd_at":
+            return pgd(model, x, y, eps, **kw)
+        if objective == "trades":
+            return trades_adv(model, x, eps, **kw)
+        raise ValueError(f"unknown objective {objective!r}")
+    finally:
+        model.train(was_training)
+
+
+def training_loss(
+    model: nn.Module,
+    x: torch.Tensor,
+    x_adv: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    objective: str,
+    trades_beta: float,
+    label_smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(loss, adversarial logits, clean logits or None). PGD-AT and standard training take one
+    forward; TRADES forwards clean and adversarial inputs as one batch (one DDP forward)."""
+    if objective == "trades":
+        logits = model(torch.cat([x, x_adv])).float()
+        clean, adv = logits[: len(x)], logits[len(x) :]
+        ce = F.cross_entropy(clean, y, label_smoothing=label_smoothing)
+        kl = F.kl_div(F.log_softmax(adv, dim=1), F.softmax(clean, dim=1), reduction="batchmean")
+        return ce + trades_beta * kl, adv, clean
+    logits = model(x_adv).float()
+    return F.cross_entropy(logits, y, label_smoothing=label_smoothing), logits, None
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak lr at optimiser step `step` (0-based) of `total`."""
+    if schedule == "onecycle":
+        peak = max(1, int(0.3 * total)) if warmup == 0 else warmup
+        if step < peak:
+            return (step + 1) / peak
+        return max(0.0, (total - step) / max(1, total - peak))
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on conv/linear weights only; BatchNorm parameters and biases are 1-D."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class EMA:
+    """Exponential moving average of weights (and a copy of BN buffers), with warm-up."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for e, p in zip(self.model.parameters(), model.parameters(), strict=True):
+            e.mul_(d).add_(p.detach(), alpha=1 - d)
+        for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            e.copy_(b)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = int(state["updates"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the loop runs: Ray Train workers, or this process.
+
+
+class _Session:
+    """What the loop needs from its runner; `_RaySession` and `_LocalSession` implement it."""
+
+    rank = 0
+    world_size = 1
+
+    def data(self):
+        raise NotImplementedError
+
+    def checkpoint_state(self) -> dict | None:
+        raise NotImplementedError
+
+    def report(self, metrics: dict, state: dict | None) -> None:
+        raise NotImplementedError
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        return values
+
+
+def _load_state(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class _RaySession(_Session):
+    def __init__(self):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+
+    def data(self):
+        import ray.train
+
+        return ray.train.get_dataset_shard("train")
+
+    def checkpoint_state(self) -> dict | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as d:
+            return _load_state(os.path.join(d, STATE_FILE))
+
+    def report(self, metrics: dict, state: dict | None) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if self.rank == 0 and state is not None:
+                torch.save(state, os.path.join(d, STATE_FILE))
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        import torch.distributed as dist
+
+        if self.world_size == 1 or not dist.is_initialized():
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+class _LocalSession(_Session):
+    """num_workers=0: the loop in this process; checkpoints in a plain directory."""
+
+    def __init__(self, dataset, ckpt_dir: str):
+        self.dataset = dataset
+        self.ckpt_dir = ckpt_dir
+        self.reports: list[dict] = []
+
+    def data(self):
+        return self.dataset
+
+    def checkpoint_state(self) -> dict | None:
+        path = os.path.join(self.ckpt_dir, STATE_FILE)
+        return _load_state(path) if os.path.exists(path) else None
+
+    def report(self, metrics: dict, state: dict | None) -> None:
+        self.reports.append(metrics)
+        if state is not None:
+            os.makedirs(self.ckpt_dir, exist_ok=True)
+            tmp = os.path.join(self.ckpt_dir, STATE_FILE + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, os.path.join(self.ckpt_dir, STATE_FILE))
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _batch_tensors(batch, image_shape, has_eps: bool, uniform_eps: float):
+    """pyarrow batch -> (ids int64 [n], x float [n,C,H,W] in [0,1], y int64 [n], eps [n])."""
+    images = decode_images(batch["image"], image_shape)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
+    y = torch.from_numpy(batch["label"].to_numpy().astype(np.int64))
+    ids = batch["id"].to_numpy().astype(np.int64)
+    if has_eps:
+        eps = torch.from_numpy(batch["eps"].to_numpy().astype(np.float32))
+    else:
+        eps = torch.full((len(y),), float(uniform_eps), dtype=torch.float32)
+    return ids, x.contiguous(), y, eps
+
+
+def _maybe_fail(config: dict, session: _Session, epoch: int) -> None:
+    """Test hook: kill rank `fail.rank` once, after the first step of epoch `fail.epoch` (a few
+    seconds in, so the previous epoch's checkpoint has been registered, as for a real death)."""
+    fail = config.get("debug_fail")
+    if not fail or session.rank != fail["rank"] or epoch != fail["epoch"]:
+        return
+    marker = fail["marker"]
+    if os.path.exists(marker):
+        return
+    with open(marker, "w") as f:
+        f.write("failed once\n")
+    time.sleep(fail.get("delay_s", 3.0))
+    os._exit(1)  # a hard worker death, as a preempted node would give
+
+
+def train_loop(config: dict, session: _Session | None = None) -> list[dict]:
+    """The training loop of one worker (or of the only process). `config` is plain data, built
+    by `run_train`; returns the metrics history (rank 0)."""
+    from puma_ray.evaluate import load_test_subset, robust_accuracy
+    from puma_ray.models import create_model
+
+    session = session or _RaySession()
+    tcfg = TrainingConfig.model_validate(config["training"])
+    ev = config["evaluation"]
+    rank, world = session.rank, session.world_size
+    image_shape = config["image_shape"]
+    torch.manual_seed(tcfg.seed)  # the same initial weights on every rank
+    model = create_model(config["arch"], config["num_classes"], **config["model_kwargs"])
+    ddp = world > 1
+    if ddp:
+        import ray.train.torch
+
+        wrapped = ray.train.torch.prepare_model(model)
+    else:
+        wrapped = model
+    if not ddp and config.get("use_gpu") and torch.cuda.is_available():
+        model.cuda()
+    device = next(model.parameters()).device
+    # bf16 autocast on GPU (no loss scaling needed, unlike fp16); CPU runs stay in fp32.
+    use_amp = tcfg.amp and device.type == "cuda"
+
+    def amp():
+        if use_amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    per_worker_batch = max(1, tcfg.batch_size // world)
+    steps_per_epoch = max(1, math.ceil(config["num_rows"] / (per_worker_batch * world)))
+    total_steps = steps_per_epoch * tcfg.epochs
+    warmup = int(round(tcfg.warmup_epochs * steps_per_epoch))
+    opt = torch.optim.SGD(
+        param_groups(model, tcfg.weight_decay),
+        lr=tcfg.lr,
+        momentum=tcfg.momentum,
+        nesterov=tcfg.nesterov and tcfg.momentum > 0,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total_steps, warmup, tcfg.schedule)
+    )
+    ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
+    history: list[dict] = []
+    start_epoch, device_seconds = 0, 0.0
+    state = session.checkpoint_state()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["rng"])
+        start_epoch = int(state["epoch"]) + 1
+        device_seconds = float(state["device_seconds"])
+        history = list(state["history"])
+    test = None
+    if rank == 0 and config.get("test_uri"):
+        test = load_test_subset(config["test_uri"], ev["train_subset"])
+    gen = torch.Generator().manual_seed(tcfg.seed * 1000 + rank)
+    data = session.data()
+    debug_dir = config.get("debug_dir")
+
+    for epoch in range(start_epoch, tcfg.epochs):
+        gen.manual_seed(tcfg.seed * 100003 + epoch * 1000 + rank)
+        wrapped.train()
+        t0 = time.perf_counter()
+        sums = np.zeros(5)  # loss*n, clean correct, adv correct, n, batches
+        seen: list[np.ndarray] = []
+        it = data.iter_batches(
+            batch_size=per_worker_batch,
+            batch_format="pyarrow",
+            drop_last=False,
+            local_shuffle_buffer_size=min(max(per_worker_batch * 4, 256), 10_000),
+            local_shuffle_seed=tcfg.seed * 7919 + epoch * 31 + rank,
+        )
+        for batch in it:
+            ids, x, y, eps = _batch_tensors(
+                batch, image_shape, config["has_eps"], config["uniform_eps"]
+            )
+            x, y, eps = x.to(device), y.to(device), eps.to(device)
+            if tcfg.augment:
+                x = augment_batch(x, gen)
+            with amp():
+                x_adv = adversarial_batch(
+                    model, x, y, eps, objective=tcfg.objective, attack=tcfg.attack
+                )
+                loss, adv_logits, clean_logits = training_loss(
+                    wrapped,
+                    x,
+                    x_adv,
+                    y,
+                    objective=tcfg.objective,
+                    trades_beta=tcfg.trades_beta,
+                    label_smoothing=tcfg.label_smoothing,
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if ema is not None:
+                ema.update(model)
+            if sums[4] == 0:
+                _maybe_fail(config, session, epoch)
+            if clean_logits is None and tcfg.objective != "standard":
+                with torch.no_grad(), amp():
+                    model.eval()
+                    clean_logits = model(x).float()
+                    model.train()
+            if clean_logits is None:
+                clean_logits = adv_logits
+            n = len(y)
+            sums += [
+                float(loss) * n,
+                float((clean_logits.argmax(1) == y).sum()),
+                float((adv_logits.argmax(1) == y).sum()),
+                n,
+                1,
+            ]
+            if debug_dir:
+                seen.append(ids)
+        seconds = time.perf_counter() - t0
+        if debug_dir:
+            os.makedirs(debug_dir, exist_ok=True)
+            ids_all = np.concatenate(seen) if seen else np.zeros(0, np.int64)
+            np.save(os.path.join(debug_dir, f"ids-epoch{epoch}-rank{rank}.npy"), ids_all)
+        loss_sum, clean_c, adv_c, n, batches = session.all_sum(sums.tolist())
+        device_seconds += session.all_sum([seconds])[0]
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(1, n),
+            "train_clean_acc": clean_c / max(1, n),
+            "train_adv_acc": adv_c / max(1, n),
+            "lr": opt.param_groups[0]["lr"],
+            "samples_per_s": n / max(seconds, 1e-9),
+            "epoch_s": seconds,
+            "device_seconds": device_seconds,
+            "train_rows": int(n),
+            "steps": int(batches),
+            "attempt_start_epoch": start_epoch,  # > 0: this epoch ran after a resume
+        }
+        eval_model = ema.model if ema is not None else model
+        if test is not None:
+            clean, robust = robust_accuracy(
+                eval_model,
+                test[0],
+                test[1],
+                tcfg.attack.epsilon,
+                norm=tcfg.attack.norm,
+                steps=ev["pgd_steps"],
+                batch_size=ev["batch_size"],
+                device=device,
+            )
+            metrics.update(test_clean_acc=clean, test_robust_acc=robust)
+        history.append(metrics)
+        checkpoint = None
+        if rank == 0:
+            checkpoint = {
+                "epoch": epoch,
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "ema": ema.state_dict() if ema is not None else None,
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "rng": torch.get_rng_state(),
+                "device_seconds": device_seconds,
+                "history": history,
+            }
+            if config.get("mlflow") is not None:
+                from puma_ray import tracking
+
+                tracking.safe(config["mlflow"].log_metrics, metrics, epoch + 1)
+        session.report(metrics, checkpoint)
+    return history
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage.
+
+
+@dataclass
+class TrainSummary:
+    name: str
+    dataset: str
+    model_path: str
+    epochs: int
+    rows: int
+    workers: int
+    objective: str
+    history: list[dict] = field(default_factory=list)
+    resumed_from_epoch: int = 0
+    skipped: bool = False
+    fingerprint: str = ""
+    ray_run_path: str | None = None
+    mlflow_run_id: str | None = None
+    wall_s: float = 0.0
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def format(self) -> str:
+        f = self.final
+        head = "up to date, nothing to do" if self.skipped else f"{self.wall_s:.1f} s"
+        lines = [
+            f"train {self.name}: {self.objective} on the {self.dataset} set "
+            f"({self.rows} rows, {self.workers or 'in-process'} workers), {head}",
+        ]
+        if self.resumed_from_epoch:
+            lines.append(f"  resumed after epoch {self.resumed_from_epoch}")
+        lines.append(
+            f"  {'epoch':>5} {'loss':>8} {'clean':>7} {'adv':>7} {'test':>7} {'robust':>7} "
+            f"{'lr':>9} {'samples/s':>10}"
+        )
+        for m in self.history[-10:]:
+            lines.append(
+                f"  {m['epoch']:>5} {m['train_loss']:>8.4f} {m['train_clean_acc']:>7.4f} "
+                f"{m['train_adv_acc']:>7.4f} {m.get('test_clean_acc', float('nan')):>7.4f} "
+                f"{m.get('test_robust_acc', float('nan')):>7.4f} {m['lr']:>9.2e} "
+                f"{m['samples_per_s']:>10.1f}"
+            )
+        if f:
+            lines.append(f"  device-seconds {f['device_seconds']:.1f}")
+        lines.append(f"  model: {self.model_path}")
+        return "\n".join(lines)
+
+
+def _fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _inputs(cfg: PipelineConfig, run_dir: str, dataset: str, kept_dir: str | None) -> dict:
+    """Shard files, row count and fingerprint of the training data."""
+    train_uri, test_uri = dataset_dirs(run_dir)
+    full = open_dataset(train_uri)
+    info = full.info
+    if dataset == "full":
+        return dict(
+            files=full.files,
+            rows=full.num_rows,
+            has_eps=False,
+            fingerprint=info.fingerprint,
+            image_shape=list(info.image_shape),
+            num_classes=info.num_classes,
+            test_uri=test_uri,
+        )
+    if dataset != "kept":
+        raise ConfigError(f"--dataset {dataset}: expected 'kept' or 'full'")
+    from puma_ray.prune import kept_dir as default_kept_dir
+    from puma_ray.prune import kept_files
+
+    files, manifest = kept_files(kept_dir or default_kept_dir(run_dir))
+    rows = int(manifest["counts"]["kept"])
+    if rows == 0:
+        raise TrainingError(f"{kept_dir or default_kept_dir(run_dir)}: the kept set is empty")
+    return dict(
+        files=files,
+        rows=rows,
+        has_eps=True,
+        fingerprint=manifest["fingerprint"],
+        image_shape=list(info.image_shape),
+        num_classes=info.num_classes,
+        test_uri=test_uri,
+    )
+
+
+def _recipe(cfg: PipelineConfig, dataset: str):
+    """(model config, training config): the margin model's own recipe for the full set."""
+    if dataset == "full":
+        return cfg.margin_model.model, cfg.margin_model.train
+    return cfg.model, cfg.training
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(path))
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+
+
+def run_train(
+    cfg: PipelineConfig,
+    run_dir: str,
+    *,
+    dataset: Literal["kept", "full"] = "kept",
+    name: str = "train",
+    kept_dir: str | None = None,
+    mlflow_parent_run_id: str | None = None,
+    log: Callable[[str], None] = print,
+    debug_dir: str | None = None,
+    debug_fail: dict | None = None,
+) -> TrainSummary:
+    """Train on the kept set (per-sample eps) or the full sample set (uniform eps); write
+    `<run_dir>/<name>/model.pt` and then `summary.json`. Rerunning with the same inputs is a
+    no-op once finished and resumes from the last epoch checkpoint otherwise.
+
+    `debug_dir` makes every rank save the sample ids it trained on per epoch; `debug_fail`
+    ({"rank", "epoch", "marker"}) kills one worker once (tests of failure recovery)."""
+    from puma_ray.models import save_checkpoint
+
+    start = time.perf_counter()
+    model_cfg, tcfg = _recipe(cfg, dataset)
+    inp = _inputs(cfg, run_dir, dataset, kept_dir)
+    num_classes = cfg.data.num_classes or inp["num_classes"]
+    fp = _fingerprint(
+        {
+            "data": inp["fingerprint"],
+            "dataset": dataset,
+            "model": model_cfg.model_dump(),
+            "training": tcfg.model_dump(),
+            "num_classes": num_classes,
+            # not the worker count or evaluation settings: they change neither the recipe nor
+            # the global batch, so a finished model stays valid and a checkpoint resumable
+        }
+    )
+    out_dir = storage.join(run_dir, name)
+    model_path = storage.join(out_dir, "model.pt")
+    summary_path = storage.join(out_dir, "summary.json")
+    old = _read_json(summary_path)
+    if old is not None and old.get("fingerprint") == fp and storage.exists(model_path):
+        summary = TrainSummary(**{**old, "skipped": True})
+        log(summary.format())
+        return summary
+
+    from puma_ray import tracking
+
+    storage.makedirs(out_dir)
+    run_file = storage.join(out_dir, "mlflow_run.json")
+    prev = _read_json(run_file) or {}
+    run = tracking.start_run(
+        cfg.tracking,
+        run_dir,
+        run_name=name,
+        params={
+            "dataset": dataset,
+            "rows": inp["rows"],
+            "model": model_cfg.model_dump(),
+            "training": tcfg.model_dump(mode="json"),
+            "workers": cfg.ray.num_workers,
+        },
+        tags={"puma_ray.stage": "train", "puma_ray.fingerprint": fp},
+        parent_run_id=mlflow_parent_run_id,
+        resume_run_id=prev.get("run_id") if prev.get("fingerprint") == fp else None,
+        log=log,
+    )
+    if run is not None:
+        storage.atomic_write_bytes(
+            run_file, json.dumps({"run_id": run.run_id, "fingerprint": fp}).encode()
+        )
+    ev = cfg.evaluation
+    loop_config = {
+        "training": tcfg.model_dump(mode="json"),
+        "arch": model_cfg.arch,
+        "model_kwargs": dict(model_cfg.kwargs),
+        "num_classes": num_classes,
+        "image_shape": inp["image_shape"],
+        "num_rows": inp["rows"],
+        "has_eps": inp["has_eps"],
+        "uniform_eps": tcfg.attack.epsilon,
+        "test_uri": inp["test_uri"],
+        "evaluation": {
+            "pgd_steps": ev.pgd_steps,
+            "batch_size": ev.batch_size,
+            # the per-epoch check is a progress signal; `evaluate` is the full measurement
+            "train_subset": min(ev.subset or 10_000, 1000),
+        },
+        "mlflow": run,
+        "use_gpu": cfg.ray.use_gpu,
+        "debug_dir": debug_dir,
+        "debug_fail": debug_fail,
+    }
+    columns = ["id", "image", "label", "source"] + (["eps"] if inp["has_eps"] else [])
+    log(
+        f"train {name}: {tcfg.objective} on {inp['rows']} {dataset} rows, {tcfg.epochs} epochs, "
+        f"{cfg.ray.num_workers or 'in-process'} workers (run {name}-{fp})"
+    )
+    from puma_ray.runtime import ensure_ray
+
+    ensure_ray(cfg.ray)
+    import ray
+
+    ds = ray.data.read_parquet(inp["files"], columns=columns)
+    status = "FAILED"
+    ray_path = None
+    try:
+        if cfg.ray.num_workers == 0:
+            ckpt_dir = (
+                os.path.join(os.path.abspath(out_dir), f"local-{fp}")
+                if storage.is_local(out_dir)
+                else tempfile.mkdtemp()
+            )
+            session = _LocalSession(ds, ckpt_dir)
+            prior = session.checkpoint_state()
+            resumed = int(prior["epoch"]) + 1 if prior else 0
+            history = train_loop(loop_config, session)
+            state = session.checkpoint_state()
+        else:
+            state, history, resumed, ray_path = _fit(cfg, tcfg, loop_config, ds, name, fp, run_dir)
+        if state is None:
+            raise TrainingError(f"train {name}: finished without a checkpoint")
+        model = _model_from_state(model_cfg, num_classes, state)
+        save_checkpoint(
+            model_path,
+            model,
+            image_shape=inp["image_shape"],
+            extra={
+                "epochs": tcfg.epochs,
+                "dataset": dataset,
+                "fingerprint": fp,
+                "metrics": {k: float(v) for k, v in (history[-1] if history else {}).items()},
+            },
+        )
+        status = "FINISHED"
+    finally:
+        if run is not None:
+            tracking.safe(run.finish, status, log=log)
+    summary = TrainSummary(
+        name=name,
+        dataset=dataset,
+        model_path=model_path,
+        epochs=tcfg.epochs,
+        rows=inp["rows"],
+        workers=cfg.ray.num_workers,
+        objective=tcfg.objective,
+        history=history,
+        resumed_from_epoch=resumed,
+        fingerprint=fp,
+        ray_run_path=ray_path,
+        mlflow_run_id=run.run_id if run else None,
+        wall_s=time.perf_counter() - start,
+    )
+    storage.atomic_write_bytes(summary_path, json.dumps(summary.to_dict(), indent=1).encode())
+    log(summary.format())
+    return summary
+
+
+def _model_from_state(model_cfg, num_classes: int, state: dict) -> nn.Module:
+    """The final weights: the EMA when one was kept, else the raw model."""
+    from puma_ray.models import create_model
+
+    model = create_model(model_cfg.arch, num_classes, **model_cfg.kwargs)
+    weights = state["ema"]["model"] if state.get("ema") else state["model"]
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+def _fit(cfg: PipelineConfig, tcfg: TrainingConfig, loop_config: dict, ds, name, fp, run_dir):
+    """Run the loop under TorchTrainer; returns (final state, history, resumed epoch, path)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    if not storage.is_local(run_dir):
+        storage_path = storage.join(run_dir, "ray_train")
+    else:
+        storage_path = os.path.join(os.path.abspath(run_dir), "ray_train")
+    run_name = f"{name}-{fp}"
+    snapshot = os.path.join(storage_path, run_name)
+    resumed = _last_reported_epoch(snapshot)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.ray.num_workers,
+            use_gpu=cfg.ray.use_gpu,
+            resources_per_worker={
+                "CPU": cfg.ray.cpus_per_worker,
+                **({"GPU": 1} if cfg.ray.use_gpu else {}),
+            },
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.checkpoints_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
+        ),
+        datasets={"train": ds},
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # WorkerGroupError / ControllerError after retries ran out
+        raise TrainingError(f"train {name}: failed after {tcfg.max_failures} retries: {e}") from e
+    if result.checkpoint is None:
+        return None, [], resumed, result.path
+    with result.checkpoint.as_directory() as d:
+        state = _load_state(os.path.join(d, STATE_FILE))
+    return state, list(state["history"]), resumed, result.path
+
+
+def _last_reported_epoch(run_path: str) -> int:
+    """Epochs already checkpointed by an earlier attempt of this Ray run (0 if none)."""
+    if not os.path.isdir(run_path):
+        return 0
+    best = 0
+    for entry in os.listdir(run_path):
+        path = os.path.join(run_path, entry, STATE_FILE)
+        if entry.startswith("checkpoint") and os.path.exists(path):
+            try:
+                best = max(best, int(_load_state(path)["epoch"]) + 1)
+            except Exception:
+                continue
+    return best
