@@ -121,10 +121,57 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    run_dir = _run_dir(args, cfg)
+    from puma_ray.pipeline import margin_model_config
+    from puma_ray.runtime import ensure_ray
+    from puma_ray.train import run_train
+
+    ensure_ray(cfg.ray)
+    name = args.name or ("margin_model" if args.dataset == "full" else "train")
+    train_cfg = margin_model_config(cfg) if args.dataset == "full" else cfg
+    kept_dir = args.kept_dir
+    if kept_dir and "://" not in kept_dir:
+        kept_dir = os.path.abspath(os.path.expanduser(kept_dir))
+    summary = run_train(
+        train_cfg, run_dir, dataset=args.dataset, name=name, kept_dir=kept_dir, log=_say
+    )
+    _say(summary.format())
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    run_dir = _run_dir(args, cfg)
+    from puma_ray.evaluate import run_evaluate
+
+    checkpoint = args.checkpoint
+    if "://" not in checkpoint:
+        checkpoint = os.path.abspath(os.path.expanduser(checkpoint))
+    summary = run_evaluate(cfg, run_dir, checkpoint, name=args.name or "evaluate", log=_say)
+    _say(summary.format())
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    run_dir = _run_dir(args, cfg)
+    from puma_ray.pipeline import run_pipeline
+
+    result = run_pipeline(cfg, run_dir, force=tuple(args.force_stage), log=_say)
+    stages = ", ".join(f"{k} {v:.0f}s" for k, v in result.stage_seconds.items())
+    _say(f"run: done -> {run_dir} ({stages or 'everything up to date'})")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "ingest": (cmd_ingest, "build Parquet sample shards from the configured sources"),
     "score": (cmd_score, "DeepFool margin of every training sample, on a Ray Data actor pool"),
     "prune": (cmd_prune, "pick the kept set (PUMA or a baseline) and each sample's epsilon"),
+    "train": (cmd_train, "Ray Train adversarial training on the kept set (or all data)"),
+    "evaluate": (cmd_evaluate, "clean, PGD and (optionally) AutoAttack accuracy of a checkpoint"),
+    "run": (cmd_run, "the whole pipeline: ingest, margin model, score, prune, train, evaluate"),
     "config": (cmd_config, "print the fully resolved config (defaults, file and --set merged)"),
 }
 
@@ -152,6 +199,27 @@ def build_parser() -> argparse.ArgumentParser:
                 dest="parallel",
                 action="store_false",
                 help="do the work in this process instead of Ray tasks (same result)",
+            )
+        if name == "train":
+            p.add_argument(
+                "--dataset",
+                choices=("kept", "full"),
+                default="kept",
+                help="kept: the pruned set with per-sample eps; full: all samples (margin model)",
+            )
+            p.add_argument("--kept-dir", help="kept set to train on (default: <run_dir>/kept)")
+        if name in ("train", "evaluate"):
+            p.add_argument("--name", help="output folder under the run dir and MLflow run name")
+        if name == "evaluate":
+            p.add_argument("--checkpoint", required=True, help="model.pt to evaluate")
+        if name == "run":
+            p.add_argument(
+                "--force",
+                dest="force_stage",
+                action="append",
+                default=[],
+                metavar="STAGE",
+                help="redo STAGE and everything after it (repeatable)",
             )
         if name == "prune":
             p.add_argument(
