@@ -30,9 +30,9 @@ from torch import nn
 
 # Added to every step length, as in the reference code ("added 1e-4 for numerical stability").
 # Without it an affine model stops exactly on its boundary (a tie, no flip) and every later
-# step has length 0. It is in input units (pixels in [0, 1]): each step overshoots the
-# linearised boundary by 1e-4 in the chosen norm, so a margin exceeds the exact distance by at
-# most (1 + overshoot) * 1e-4 * iters.
+# step has length 0. It is in input units (pixels in [0, 1]): each step goes 1e-4 (in the
+# chosen norm) past the linearised boundary, which adds at most (1 + overshoot) * 1e-4 * iters
+# to a margin; on an affine model the margin is exactly (1 + overshoot) * (distance + 1e-4).
 STEP_EPS = 1e-4
 
 Norm = Literal["l2", "linf"]
