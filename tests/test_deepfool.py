@@ -150,6 +150,10 @@ def test_batch_equals_one_at_a_time(settings):
     margins = torch.cat([s.margin for s in singles])
     torch.testing.assert_close(batch.margin, margins, rtol=1e-6, atol=1e-9)
     assert (batch.iters[:12] > 0).any() and batch.converged.all()
+    chunked = deepfool(model, x, label, grad_batch=5, **settings)
+    for name in ("adv_class", "iters", "converged"):
+        assert torch.equal(getattr(chunked, name), getattr(batch, name))
+    torch.testing.assert_close(chunked.margin, batch.margin, rtol=1e-6, atol=1e-9)
 
 
 def test_finished_samples_cost_nothing():
@@ -190,6 +194,7 @@ def test_clip_keeps_iterates_in_box_and_perturbation_norm_is_margin(norm):
     res = deepfool(model, x, label, norm=norm, clip=True, return_perturbation=True)
     adv = x + res.perturbation
     assert res.perturbation.shape == x.shape and res.perturbation.dtype == torch.float64
+    assert res.perturbation.is_contiguous()
     assert adv.min() >= 0 and adv.max() <= 1
     flat = res.perturbation.flatten(1)
     reached = flat.norm(dim=1) if norm == "l2" else flat.abs().amax(dim=1)
@@ -254,6 +259,7 @@ def test_cuda_matches_cpu_and_bf16_runs():
         ((2, 3, 8, 8), [0, 1], {"max_iter": 0}, "max_iter must be"),
         ((2, 3, 8, 8), [0, 1], {"target": "label"}, "target must be"),
         ((2, 3, 8, 8), [0, 1], {"overshoot": -0.1}, "overshoot must be"),
+        ((2, 3, 8, 8), [0, 1], {"grad_batch": 0}, "grad_batch must be"),
     ],
 )
 def test_bad_input_raises_value_error(x_shape, labels, kwargs, message):

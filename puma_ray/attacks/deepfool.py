@@ -12,11 +12,20 @@ docs/benchmarks.md):
   so finished samples cost nothing.
 - Each iterate is first checked for a flip with one forward pass under `torch.inference_mode`;
   only samples still in their class then get one grad-enabled forward and one backward per
-  candidate class (retain_graph), all from that single forward.
+  candidate class other than the label (retain_graph), all from that single forward.
 - A backward of the batch-summed logit difference sum_i (f_k(x_i) - f_y(x_i)) gives every
-  sample's own gradient, because in eval mode samples do not interact. This loop of backward
-  passes measured faster on CPU than `is_grads_batched=True` and than torch.func `vmap(jacrev)`
-  (benchmarks/deepfool.py, "class gradients").
+  sample's own gradient, because in eval mode samples do not interact. One step's 9 class
+  gradients of 256 samples on the PGD-AT small_cnn: 0.56 s this way (in 64-row chunks on
+  channels_last input), 0.61 s on contiguous input, 0.91 s in one 256-row pass, 1.34 s as one
+  `is_grads_batched=True` backward, 2.47 s with torch.func `vmap(jacrev)`.
+- So on CPU the gradient passes run in chunks of CPU_GRAD_BATCH rows (cache-sized; ~1.3x
+  faster end to end than one 256-row pass), and iterates are kept channels_last (~1.25x
+  faster end to end: 7.3 against 9.1 ms/sample, margins equal to ~1e-6 relative). Neither is
+  measured on a GPU (none on the benchmark machine); there the active set goes in one pass,
+  and channels_last is PyTorch's advice for conv nets under AMP.
+- torch.compile (inductor, dynamic shapes; retain_graph needs
+  torch._functorch.config.donated_buffer = False) ran 6.6 against 5.7 ms/sample eager after
+  a 15 s compile, so it is not used; a caller may still pass a compiled model.
 """
 
 from __future__ import annotations
@@ -35,6 +44,11 @@ from torch import nn
 # to a margin; on an affine model the margin is exactly (1 + overshoot) * (distance + 1e-4).
 STEP_EPS = 1e-4
 
+# Rows per gradient pass on CPU. The K-1 backward passes re-read the forward's saved
+# activations; in chunks of 64 these stay in cache. On small_cnn (2 cores) one step's class
+# gradients cost 2.8 ms/sample in chunks of 48-64 against 3.6 at 96 and 5.4 at 256.
+CPU_GRAD_BATCH = 64
+
 Norm = Literal["l2", "linf"]
 Target = Literal["true", "predicted"]
 
@@ -44,8 +58,9 @@ class DeepFoolResult:
     """Per-sample DeepFool outcome; every field is indexed like the input batch.
 
     margin:       float32 [N], norm of the final perturbation in the chosen norm. 0 for samples
-                  already misclassified (w.r.t. the target label); a lower bound on the true
-                  margin where `converged` is False (the norm reached after max_iter steps).
+                  already misclassified (w.r.t. the target label). Where `converged` is
+                  False it is the norm reached after max_iter steps without leaving the
+                  class: read it as a lower bound, never as a margin.
     adv_class:    int64 [N], the model's prediction at x + perturbation (the clean prediction
                   for already-misclassified samples, the target label if not converged).
     pred:         int64 [N], the model's prediction on the clean input.
@@ -76,6 +91,7 @@ def deepfool(
     target: Target = "true",
     return_perturbation: bool = False,
     autocast_dtype: torch.dtype | None = None,
+    grad_batch: int | None = None,
 ) -> DeepFoolResult:
     """Per-sample DeepFool margins (the distance to the nearest decision boundary) of a batch.
 
@@ -97,21 +113,27 @@ def deepfool(
         return_perturbation: also return the final perturbations (N x image memory).
         autocast_dtype: e.g. torch.bfloat16 to run the model under autocast (meant for GPUs);
             logits, gradients and r_tot stay float32.
+        grad_batch: rows per gradient pass; the active set is split into chunks of this size.
+            None: CPU_GRAD_BATCH on CPU, the whole active set on other devices. Results do
+            not depend on it (the math is per sample).
 
     Returns a DeepFoolResult. Example:
         model.eval()
         margins = deepfool(model, images, labels, norm="linf").margin
     """
-    _check_args(images, labels, norm, overshoot, max_iter, candidates, target)
+    _check_args(images, labels, norm, overshoot, max_iter, candidates, target, grad_batch)
     device = images.device
     acc_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
-    x0 = images.detach().to(acc_dtype)
+    # channels_last: ~1.25x faster end to end on CPU for small_cnn (the conv backward passes).
+    x0 = images.detach().to(acc_dtype).contiguous(memory_format=torch.channels_last)
     labels = labels.detach().to(device=device, dtype=torch.long)
     n = len(x0)
     if n == 0:
         return _empty_result(x0, return_perturbation)
     autocast = _autocast(device, autocast_dtype)
     scale = 1.0 + overshoot
+    if grad_batch is None:
+        grad_batch = CPU_GRAD_BATCH if device.type == "cpu" else n
 
     def iterate(x: torch.Tensor, r_tot: torch.Tensor) -> torch.Tensor:
         x_adv = x + scale * r_tot
@@ -138,7 +160,9 @@ def deepfool(
     for _ in range(max_iter):
         if len(active) == 0:
             break
-        r_tot[active] += _step(model, x_adv, label[active], others[active], norm, autocast)
+        chunks = [t.split(grad_batch) for t in (x_adv, label[active], others[active])]
+        steps = [_step(model, *chunk, norm, autocast) for chunk in zip(*chunks, strict=True)]
+        r_tot[active] += torch.cat(steps)
         iters[active] += 1
         x_adv = iterate(x0[active], r_tot[active])
         now = predict(x_adv)
@@ -148,7 +172,7 @@ def deepfool(
         converged[done] = True
         active, x_adv = active[~flipped], x_adv[~flipped]
 
-    perturbation = iterate(x0, r_tot) - x0 if clip else scale * r_tot
+    perturbation = (iterate(x0, r_tot) - x0 if clip else scale * r_tot).contiguous()
     flat = perturbation.flatten(1)
     margin = flat.norm(dim=1) if norm == "l2" else flat.abs().amax(dim=1)
     return DeepFoolResult(
@@ -245,7 +269,7 @@ def _empty_result(x0: torch.Tensor, return_perturbation: bool) -> DeepFoolResult
     )
 
 
-def _check_args(images, labels, norm, overshoot, max_iter, candidates, target) -> None:
+def _check_args(images, labels, norm, overshoot, max_iter, candidates, target, grad_batch):
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images must be a 4-D NCHW tensor, got {shape}")
@@ -273,6 +297,10 @@ def _check_args(images, labels, norm, overshoot, max_iter, candidates, target) -
             f"candidates must be None (all classes) or an integer >= 2 (the target label and "
             f"at least one other class), got {candidates!r}"
         )
+    if grad_batch is not None and (
+        isinstance(grad_batch, bool) or not isinstance(grad_batch, int) or grad_batch < 1
+    ):
+        raise ValueError(f"grad_batch must be None or a positive integer, got {grad_batch!r}")
 
 
 def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
