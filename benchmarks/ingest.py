@@ -23,60 +23,13 @@ import os
 import platform
 import shutil
 import tempfile
-import threading
 import time
 
 import psutil
+from _memory import RssSampler
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 MB = 2**20
-
-
-def _is_worker(p: psutil.Process) -> bool:
-    """Ray worker processes retitle themselves `ray::<task>` (or `ray::IDLE`)."""
-    cmd = p.cmdline()
-    return bool(cmd) and (cmd[0].startswith("ray::") or "default_worker.py" in " ".join(cmd))
-
-
-class RssSampler:
-    """Peak RSS of this process (the driver), of the largest Ray worker, and of the whole
-    process tree (driver + workers + Ray's own daemons: GCS, raylet, ...)."""
-
-    def __init__(self, interval: float = 0.1):
-        self.interval = interval
-        self.driver = self.worker = self.tree = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> None:
-        me = psutil.Process()
-        driver = me.memory_info().rss
-        tree = driver
-        for p in me.children(recursive=True):
-            try:
-                rss = p.memory_info().rss
-                if _is_worker(p):
-                    self.worker = max(self.worker, rss)
-            except psutil.Error:  # exited between listing and reading
-                continue
-            tree += rss
-        self.driver = max(self.driver, driver)
-        self.tree = max(self.tree, tree)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> RssSampler:
-        self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
 
 
 def main() -> None:

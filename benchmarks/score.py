@@ -3,8 +3,8 @@
 For each row count: ingest that many builtin synthetic rows, then score them with Ray Data
 (actor pool of --cpus actors on a local Ray with --cpus CPUs, one torch thread each; the
 actors reserve (cpus-1)/cpus CPU each so one CPU slot stays free for Ray Data's read and write
-tasks, see `score._pool`), sampling the peak RSS of the
-driver and of every Ray worker process. The single-process reference runs
+tasks, see `score._pool`), sampling the peak RSS of the driver, its largest Ray worker and its
+whole process tree (`_memory.RssSampler`). The single-process reference runs
 `puma_ray.attacks.deepfool` on the first --ref-rows rows in this process with --cpus threads.
 The margin model is a small_cnn trained briefly (standard training) and cached in --out-dir.
 
@@ -20,53 +20,17 @@ import json
 import os
 import shutil
 import sys
-import threading
 import time
 
 import numpy as np
-import psutil
 import torch
+from _memory import RssSampler
 
 from puma_ray.attacks import deepfool
 from puma_ray.config import BuiltinSource, load_config
 from puma_ray.data import builtin, dataset_dirs, open_dataset
 from puma_ray.ingest import run_ingest
 from puma_ray.models import create_model, load_checkpoint, save_checkpoint
-
-
-class PeakRss:
-    """Samples RSS of this process and of all Ray worker processes every 0.5 s."""
-
-    def __init__(self):
-        self.driver = 0
-        self.worker = 0  # largest single worker
-        self.workers_total = 0  # largest sum over workers at one instant
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        me = psutil.Process()
-        while not self._stop.wait(0.5):
-            self.driver = max(self.driver, me.memory_info().rss)
-            total = 0
-            for p in psutil.process_iter(["name", "cmdline", "memory_info"]):
-                try:
-                    cmd = " ".join(p.info["cmdline"] or [])
-                    if p.pid != me.pid and ("ray::" in cmd or "default_worker.py" in cmd):
-                        rss = p.info["memory_info"].rss
-                        total += rss
-                        self.worker = max(self.worker, rss)
-                except (psutil.Error, TypeError):
-                    pass
-            self.workers_total = max(self.workers_total, total)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
 
 
 def margin_model(path: str, steps: int = 300) -> str:
@@ -147,7 +111,7 @@ def main(argv=None) -> int:
         print(f"rows={rows}: single-process {ref['rows_per_s']:.0f} rows/s", file=sys.stderr)
         from puma_ray.score import run_score
 
-        with PeakRss() as rss:
+        with RssSampler(interval=0.5) as rss:
             summary = run_score(cfg, run_dir, log=lambda m: print(m, file=sys.stderr))
         row = {
             "rows": rows,
@@ -159,7 +123,7 @@ def main(argv=None) -> int:
             "misclassified": summary.misclassified,
             "driver_peak_rss_mb": rss.driver / 2**20,
             "worker_peak_rss_mb": rss.worker / 2**20,
-            "workers_total_peak_rss_mb": rss.workers_total / 2**20,
+            "tree_peak_rss_mb": rss.tree / 2**20,
         }
         results.append(row)
         print(json.dumps(row), file=sys.stderr)
@@ -187,7 +151,7 @@ def main(argv=None) -> int:
         print(
             f"| {r['rows']:,} | {r['ray_rows_per_s']:.0f} | {r['single_rows_per_s']:.0f} | "
             f"{r['ratio']:.2f} | {r['driver_peak_rss_mb']:.0f} MB | "
-            f"{r['worker_peak_rss_mb']:.0f} MB | {r['workers_total_peak_rss_mb']:.0f} MB |"
+            f"{r['worker_peak_rss_mb']:.0f} MB | {r['tree_peak_rss_mb']:.0f} MB |"
         )
     return 0
 
