@@ -15,15 +15,17 @@ from puma_ray.models.registry import register_model
 
 
 class PreActBlock(nn.Module):
-    """BN → act → conv3x3 → BN → act → conv3x3, plus an identity or 1x1-conv shortcut."""
+    """BN → act → conv3x3 → BN → act → (dropout) → conv3x3, plus an identity or 1x1-conv
+    shortcut. The unit of both PreAct-ResNet and WideResNet (which adds the dropout)."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int, act: str):
+    def __init__(self, c_in: int, c_out: int, stride: int, act: str, dropout: float = 0.0):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(c_in)
         self.act1 = make_activation(act)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
         self.act2 = make_activation(act)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.shortcut = None
         if stride != 1 or c_in != c_out:
@@ -34,7 +36,7 @@ class PreActBlock(nn.Module):
         # The projection sees the pre-activated input, as in the paper's full pre-activation unit.
         shortcut = x if self.shortcut is None else self.shortcut(out)
         out = self.conv1(out)
-        out = self.conv2(self.act2(self.bn2(out)))
+        out = self.conv2(self.dropout(self.act2(self.bn2(out))))
         return out + shortcut
 
 

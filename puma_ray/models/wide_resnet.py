@@ -13,31 +13,8 @@ import torch
 from torch import nn
 
 from puma_ray.models.base import ACTIVATIONS, ImageClassifier, make_activation, option_error
+from puma_ray.models.preact_resnet import PreActBlock
 from puma_ray.models.registry import register_model
-
-
-class WideBlock(nn.Module):
-    """BN → act → conv3x3 → BN → act → dropout → conv3x3, plus identity or 1x1-conv shortcut."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int, act: str, dropout: float):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(c_in)
-        self.act1 = make_activation(act)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.act2 = make_activation(act)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.shortcut = None
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act1(self.bn1(x))
-        shortcut = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv1(out)
-        out = self.conv2(self.dropout(self.act2(self.bn2(out))))
-        return out + shortcut
 
 
 @register_model("wide_resnet")
@@ -70,7 +47,7 @@ class WideResNet(ImageClassifier):
             c_in, c_out = widths[stage], widths[stage + 1]
             for i in range(n):
                 blocks.append(
-                    WideBlock(
+                    PreActBlock(
                         c_in if i == 0 else c_out,
                         c_out,
                         stride if i == 0 else 1,
