@@ -55,11 +55,15 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
     return load_config(args.config, overrides, smoke_test=args.smoke_test)
 
 
+def _absolute(path: str | None) -> str | None:
+    """Local paths made absolute (Ray workers run elsewhere); URIs (s3://, gs://) as given."""
+    if not path or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def _run_dir(args: argparse.Namespace, cfg: PipelineConfig) -> str:
-    run_dir = args.run_dir or os.path.join(DEFAULT_RUNS, cfg.name)
-    if "://" in run_dir:
-        return run_dir
-    return os.path.abspath(os.path.expanduser(run_dir))
+    return _absolute(args.run_dir or os.path.join(DEFAULT_RUNS, cfg.name))
 
 
 def _say(msg: str) -> None:
@@ -111,11 +115,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     if args.parallel:
         ensure_ray(cfg.ray)
-    out_dir = args.out_dir
-    if out_dir and "://" not in out_dir:
-        out_dir = os.path.abspath(os.path.expanduser(out_dir))
     summary = run_prune(
-        cfg, run_dir, force=args.force, parallel=args.parallel, out_dir=out_dir, log=_say
+        cfg,
+        run_dir,
+        force=args.force,
+        parallel=args.parallel,
+        out_dir=_absolute(args.out_dir),
+        log=_say,
     )
     _say(summary.format())
     return 0
@@ -131,11 +137,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     ensure_ray(cfg.ray)
     name = args.name or ("margin_model" if args.dataset == "full" else "train")
     train_cfg = margin_model_config(cfg) if args.dataset == "full" else cfg
-    kept_dir = args.kept_dir
-    if kept_dir and "://" not in kept_dir:
-        kept_dir = os.path.abspath(os.path.expanduser(kept_dir))
     summary = run_train(
-        train_cfg, run_dir, dataset=args.dataset, name=name, kept_dir=kept_dir, log=_say
+        train_cfg,
+        run_dir,
+        dataset=args.dataset,
+        name=name,
+        kept_dir=_absolute(args.kept_dir),
+        log=_say,
     )
     _say(summary.format())
     return 0
@@ -146,9 +154,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args, cfg)
     from puma_ray.evaluate import run_evaluate
 
-    checkpoint = args.checkpoint
-    if "://" not in checkpoint:
-        checkpoint = os.path.abspath(os.path.expanduser(checkpoint))
+    checkpoint = _absolute(args.checkpoint)
     summary = run_evaluate(cfg, run_dir, checkpoint, name=args.name or "evaluate", log=_say)
     _say(summary.format())
     return 0
