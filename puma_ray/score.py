@@ -242,11 +242,12 @@ def _pool(cfg: PipelineConfig, log):
     import ray
 
     s = cfg.scoring
-    cpus = ray.cluster_resources().get("CPU", 1)
+    resources = ray.cluster_resources()
+    cpus = resources.get("CPU", 1)
     if s.pool_max is not None:
         max_size = s.pool_max
     elif s.gpus_per_actor > 0:
-        max_size = int(ray.cluster_resources().get("GPU", 0) // s.gpus_per_actor)
+        max_size = int(resources.get("GPU", 0) // s.gpus_per_actor)
     else:
         max_size = int((cpus - 1) // s.cpus_per_actor)
     max_size = max(s.pool_min, max_size, 1)
