@@ -68,7 +68,34 @@ def margin_model_path(cfg: PipelineConfig, run_dir: str) -> str:
 # The Ray Data actor: one model per actor, loaded once.
 
 
-class MarginScorer:
+class _ModelActor:
+    """What both scorers share: the model loaded once per actor, and batch images -> NCHW."""
+
+    def __init__(
+        self, checkpoint: str, image_shape, threads: int, device: str, counter: str | None = None
+    ):
+        import torch
+
+        from puma_ray.models import load_checkpoint
+
+        torch.set_num_threads(max(1, threads))
+        self.device = torch.device(device)
+        self.model, _ = load_checkpoint(checkpoint, map_location=self.device)
+        self.model.eval()
+        self.image_shape = tuple(image_shape)
+        self.counter = counter
+
+    def _images(self, batch: pa.Table):
+        """The batch's images as float NCHW in [0, 1] on the actor's device."""
+        import torch
+
+        from puma_ray.data import decode_images
+
+        images = decode_images(batch.column("image"), self.image_shape)
+        return torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div_(255)
+
+
+class MarginScorer(_ModelActor):
     """`map_batches` callable: decode images, run batched DeepFool, return score rows."""
 
     def __init__(
@@ -81,32 +108,21 @@ class MarginScorer:
         subset: dict | None = None,
         counter: str | None = None,
     ):
-        import torch
-
-        from puma_ray.models import load_checkpoint
-
-        torch.set_num_threads(max(1, threads))
-        self.device = torch.device(device)
-        self.model, _ = load_checkpoint(checkpoint, map_location=self.device)
-        self.model.eval()
-        self.image_shape = tuple(image_shape)
+        super().__init__(checkpoint, image_shape, threads, device, counter)
         self.settings = settings
-        self.counter = counter
         self.subset = subset  # score only this hash-chosen subset (pruning.strategy=extrapolated)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
         from puma_ray.attacks import deepfool
-        from puma_ray.data import decode_images
 
         start = time.perf_counter()
         if self.subset is not None:
             batch = batch.filter(pa.array(_in_subset(batch.column("id"), self.subset)))
             if batch.num_rows == 0:
                 return SCORE_SCHEMA.empty_table()
-        images = decode_images(batch.column("image"), self.image_shape)
-        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div_(255)
+        x = self._images(batch)
         labels_np = batch.column("label").to_numpy().astype(np.int64)
         y = torch.from_numpy(labels_np).to(self.device)
         res = deepfool(self.model, x, y, **self.settings)
@@ -130,30 +146,13 @@ class MarginScorer:
         )
 
 
-class EmbeddingScorer:
+class EmbeddingScorer(_ModelActor):
     """Callable class for `map_batches`: penultimate features (float16) for k-NN extrapolation."""
-
-    def __init__(
-        self, checkpoint: str, image_shape, threads: int, device: str, counter: str | None = None
-    ):
-        import torch
-
-        from puma_ray.models import load_checkpoint
-
-        self.counter = counter
-        torch.set_num_threads(max(1, threads))
-        self.device = torch.device(device)
-        self.model, _ = load_checkpoint(checkpoint, map_location=self.device)
-        self.model.eval()
-        self.image_shape = tuple(image_shape)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
-        from puma_ray.data import decode_images
-
-        images = decode_images(batch.column("image"), self.image_shape)
-        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div_(255)
+        x = self._images(batch)
         with torch.inference_mode():
             emb = self.model.forward_features(x).float().cpu().numpy().astype(np.float16)
         flat = pa.array(emb.reshape(-1))
