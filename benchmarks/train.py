@@ -29,13 +29,7 @@ import torch
 def _plain(cfg, run_dir: str, epochs: int, threads: int) -> dict:
     from puma_ray.data import dataset_dirs, open_dataset
     from puma_ray.models import create_model
-    from puma_ray.train import (
-        adversarial_batch,
-        augment_batch,
-        lr_factor,
-        param_groups,
-        training_loss,
-    )
+    from puma_ray.train import augment_batch, lr_factor, param_groups, train_step
 
     torch.set_num_threads(threads)
     tcfg = cfg.training
@@ -62,22 +56,7 @@ def _plain(cfg, run_dir: str, epochs: int, threads: int) -> dict:
             x = augment_batch(x_all[idx].float().div_(255), gen)
             y = y_all[idx]
             eps = torch.full((len(y),), tcfg.attack.epsilon)
-            x_adv = adversarial_batch(
-                model, x, y, eps, objective=tcfg.objective, attack=tcfg.attack
-            )
-            loss, _, _ = training_loss(
-                model,
-                x,
-                x_adv,
-                y,
-                objective=tcfg.objective,
-                trades_beta=tcfg.trades_beta,
-                label_smoothing=tcfg.label_smoothing,
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            train_step(model, x, y, eps, tcfg, opt, sched)
             n += len(y)
         rates.append(n / (time.perf_counter() - t0))
     return {"rates": rates, "wall_s": time.perf_counter() - start}

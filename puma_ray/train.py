@@ -126,6 +126,39 @@ def training_loss(
     return F.cross_entropy(logits, y, label_smoothing=label_smoothing), logits, None
 
 
+def train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: torch.Tensor,
+    tcfg: TrainingConfig,
+    opt: torch.optim.Optimizer,
+    sched,
+    *,
+    wrapped: nn.Module | None = None,
+    amp=contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One optimiser step of adversarial training: attack (on `model`), loss (through
+    `wrapped`, the DDP module when distributed), backward, step, lr schedule. The training loop
+    and benchmarks/train.py both call this, so the benchmark times exactly the loop's step."""
+    with amp():
+        x_adv = adversarial_batch(model, x, y, eps, objective=tcfg.objective, attack=tcfg.attack)
+        loss, adv_logits, clean_logits = training_loss(
+            model if wrapped is None else wrapped,
+            x,
+            x_adv,
+            y,
+            objective=tcfg.objective,
+            trades_beta=tcfg.trades_beta,
+            label_smoothing=tcfg.label_smoothing,
+        )
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss, adv_logits, clean_logits
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """Multiplier of the peak lr at optimiser step `step` (0-based) of `total`."""
     if schedule == "onecycle":
@@ -389,23 +422,9 @@ def train_loop(config: dict, session: _Session | None = None) -> list[dict]:
             x, y, eps = x.to(device), y.to(device), eps.to(device)
             if tcfg.augment:
                 x = augment_batch(x, gen)
-            with amp():
-                x_adv = adversarial_batch(
-                    model, x, y, eps, objective=tcfg.objective, attack=tcfg.attack
-                )
-                loss, adv_logits, clean_logits = training_loss(
-                    wrapped,
-                    x,
-                    x_adv,
-                    y,
-                    objective=tcfg.objective,
-                    trades_beta=tcfg.trades_beta,
-                    label_smoothing=tcfg.label_smoothing,
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            loss, adv_logits, clean_logits = train_step(
+                model, x, y, eps, tcfg, opt, sched, wrapped=wrapped, amp=amp
+            )
             if ema is not None:
                 ema.update(model)
             if sums[4] == 0:
