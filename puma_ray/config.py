@@ -309,6 +309,9 @@ class PipelineConfig(Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    # `puma-ray run` also trains these baselines with the same recipe and evaluates them side by
+    # side: "full" (no pruning, uniform eps) and "random" (random sub-sampling at pruning.ratio)
+    compare: list[Literal["full", "random"]] = Field(default_factory=list)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

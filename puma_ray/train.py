@@ -593,13 +593,6 @@ def _inputs(cfg: PipelineConfig, run_dir: str, dataset: str, kept_dir: str | Non
     )
 
 
-def _recipe(cfg: PipelineConfig, dataset: str):
-    """(model config, training config): the margin model's own recipe for the full set."""
-    if dataset == "full":
-        return cfg.margin_model.model, cfg.margin_model.train
-    return cfg.model, cfg.training
-
-
 def _read_json(path: str) -> dict | None:
     try:
         return json.loads(storage.read_bytes(path))
@@ -628,7 +621,9 @@ def run_train(
     from puma_ray.models import save_checkpoint
 
     start = time.perf_counter()
-    model_cfg, tcfg = _recipe(cfg, dataset)
+    # the recipe is cfg.model / cfg.training: the margin model is trained with
+    # `pipeline.margin_model_config(cfg)`, and the unpruned baseline of `--compare` with cfg itself
+    model_cfg, tcfg = cfg.model, cfg.training
     inp = _inputs(cfg, run_dir, dataset, kept_dir)
     num_classes = cfg.data.num_classes or inp["num_classes"]
     fp = _fingerprint(

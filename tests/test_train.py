@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from puma_ray.config import AttackConfig, load_config
+from puma_ray.pipeline import margin_model_config
 from puma_ray.train import adversarial_batch, augment_batch, lr_factor, run_train
 
 BASE = [
@@ -181,7 +182,9 @@ def test_full_dataset_margin_model_then_evaluate(data_dir, tmp_path):
 
     run_dir = _fresh_run_dir(data_dir, tmp_path)
     cfg = _cfg("ray.num_workers=0")
-    s = run_train(cfg, run_dir, dataset="full", name="margin_model", log=_quiet)
+    s = run_train(
+        margin_model_config(cfg), run_dir, dataset="full", name="margin_model", log=_quiet
+    )
     assert s.rows == 256 and len(s.history) == 1  # margin_model.train.epochs
     ev = run_evaluate(cfg, run_dir, checkpoint=s.model_path, log=_quiet)
     assert ev.rows == 32
