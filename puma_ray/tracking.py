@@ -30,8 +30,9 @@ def _local_base(run_dir: str | None) -> str:
 
 
 def tracking_uri(cfg: TrackingConfig, run_dir: str | None) -> str | None:
-    """The tracking URI (absolute), or None when tracking is switched off."""
-    uri = cfg.tracking_uri
+    """The tracking URI (absolute), or None when tracking is switched off: the config's, else
+    MLFLOW_TRACKING_URI (a shared server on a cluster), else a sqlite store in the run dir."""
+    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri is not None and uri.strip().lower() in DISABLED_URIS:
         return None
     if uri:
