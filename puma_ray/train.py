@@ -611,13 +611,23 @@ def run_train(
     log: Callable[[str], None] = print,
     debug_dir: str | None = None,
     debug_fail: dict | None = None,
+    ray_run_name: str | None = None,
+    ray_storage_path: str | None = None,
+    callbacks: list | None = None,
+    mlflow_run_name: str | None = None,
 ) -> TrainSummary:
     """Train on the kept set (per-sample eps) or the full sample set (uniform eps); write
     `<run_dir>/<name>/model.pt` and then `summary.json`. Rerunning with the same inputs is a
     no-op once finished and resumes from the last epoch checkpoint otherwise.
 
     `debug_dir` makes every rank save the sample ids it trained on per epoch; `debug_fail`
-    ({"rank", "epoch", "marker"}) kills one worker once (tests of failure recovery)."""
+    ({"rank", "epoch", "marker"}) kills one worker once (tests of failure recovery).
+
+    For sweeps (each Tune trial drives its own TorchTrainer): `ray_run_name` and
+    `ray_storage_path` replace the Ray Train run's `<name>-<fingerprint>` and
+    `<run_dir>/ray_train` (a stable name is what resumes a restarted trial), `callbacks` are
+    extra `ray.train.UserCallback`s such as Tune's `TuneReportCallback`, and
+    `mlflow_run_name` names the MLflow run (default `name`)."""
     from puma_ray.models import save_checkpoint
 
     start = time.perf_counter()
@@ -654,7 +664,7 @@ def run_train(
     run = tracking.start_run(
         cfg.tracking,
         run_dir,
-        run_name=name,
+        run_name=mlflow_run_name or name,
         params={
             "dataset": dataset,
             "rows": inp["rows"],
@@ -719,7 +729,18 @@ def run_train(
             history = train_loop(loop_config, session)
             state = session.checkpoint_state()
         else:
-            state, history, resumed, ray_path = _fit(cfg, tcfg, loop_config, ds, name, fp, run_dir)
+            state, history, resumed, ray_path = _fit(
+                cfg,
+                tcfg,
+                loop_config,
+                ds,
+                name,
+                fp,
+                run_dir,
+                ray_run_name=ray_run_name,
+                storage_path=ray_storage_path,
+                callbacks=callbacks,
+            )
         if state is None:
             raise TrainingError(f"train {name}: finished without a checkpoint")
         model = _model_from_state(model_cfg, num_classes, state)
@@ -768,16 +789,28 @@ def _model_from_state(model_cfg, num_classes: int, state: dict) -> nn.Module:
     return model.eval()
 
 
-def _fit(cfg: PipelineConfig, tcfg: TrainingConfig, loop_config: dict, ds, name, fp, run_dir):
+def _fit(
+    cfg: PipelineConfig,
+    tcfg: TrainingConfig,
+    loop_config: dict,
+    ds,
+    name,
+    fp,
+    run_dir,
+    *,
+    ray_run_name=None,
+    storage_path=None,
+    callbacks=None,
+):
     """Run the loop under TorchTrainer; returns (final state, history, resumed epoch, path)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    if not storage.is_local(run_dir):
+    if storage_path is None and not storage.is_local(run_dir):
         storage_path = storage.join(run_dir, "ray_train")
-    else:
+    elif storage_path is None:
         storage_path = os.path.join(os.path.abspath(run_dir), "ray_train")
-    run_name = f"{name}-{fp}"
+    run_name = ray_run_name or f"{name}-{fp}"
     snapshot = os.path.join(storage_path, run_name)
     resumed = _last_reported_epoch(snapshot)
     trainer = TorchTrainer(
@@ -796,6 +829,7 @@ def _fit(cfg: PipelineConfig, tcfg: TrainingConfig, loop_config: dict, ds, name,
             storage_path=storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
+            callbacks=list(callbacks or []),
         ),
         datasets={"train": ds},
     )
