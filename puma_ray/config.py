@@ -21,6 +21,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
+    field_validator,
 )
 
 from puma_ray.errors import ConfigError
@@ -171,12 +173,25 @@ class TrainingConfig(Strict):
     ema_decay: Annotated[float, _in_range(0, 1, hi_open=True)] = 0.0  # 0 disables EMA
     real_fraction: Fraction01 = 0.3  # share of real samples per batch when both sources exist
     augment: bool = True  # random crop (pad 4) + horizontal flip, on whole batches
-    epoch_length: Literal["kept", "fixed"] = "kept"  # "kept": one pass over the kept set
-    samples_per_epoch: PositiveInt | None = None  # for epoch_length=fixed (Wang et al.: 50000)
+    # "kept": an epoch is as many samples as the training set has (pruning saves compute);
+    # "fixed": `samples_per_epoch` samples, whatever the set's size (Wang et al.: 50000)
+    epoch_length: Literal["kept", "fixed"] = "kept"
+    samples_per_epoch: PositiveInt | None = Field(default=None, validate_default=True)
     amp: bool = True  # bf16 autocast on GPU; ignored on CPU
     checkpoints_to_keep: PositiveInt = 2
     max_failures: NonNegInt = 1
     seed: int = 0
+
+    @field_validator("samples_per_epoch")
+    @classmethod
+    def _samples_need_fixed_length(cls, v: int | None, info: ValidationInfo) -> int | None:
+        # epoch_length is declared first, so it is in info.data once it validated
+        length = info.data.get("epoch_length")
+        if length == "fixed" and v is None:
+            raise ValueError("required when epoch_length is fixed (e.g. 50000)")
+        if length == "kept" and v is not None:
+            raise ValueError(f"only used with epoch_length: fixed (got {v}, epoch_length: kept)")
+        return v
 
 
 class MarginModelConfig(Strict):
