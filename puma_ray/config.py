@@ -263,10 +263,15 @@ SWEEPABLE = (
     "pruning.seed",
     "training.seed",
 )
+# keys whose values are names or integers: only grid / choice can produce them
+SWEEP_DISCRETE = ("pruning.strategy", "pruning.eps_rule", "pruning.seed", "training.seed")
+# what a trial measures at its end (evaluate's numbers and the training compute)
+SWEEP_METRICS = ("robust_acc", "clean_acc", "pgd_acc", "device_seconds")
 
 
 class SearchDim(Strict):
-    """One dimension: exactly one of grid / choice / uniform / loguniform."""
+    """One dimension: exactly one of grid (every value, crossed with the other grids) /
+    choice (one sampled value per trial) / uniform or loguniform ([low, high] sampled)."""
 
     grid: list[Any] | None = None
     choice: list[Any] | None = None
@@ -274,28 +279,90 @@ class SearchDim(Strict):
     loguniform: tuple[float, float] | None = None
 
     def model_post_init(self, _ctx: Any) -> None:
-        given = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k)]
+        given = [
+            k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None
+        ]
         if len(given) != 1:
             raise ValueError("give exactly one of grid, choice, uniform, loguniform")
+        kind = given[0]
+        if kind in ("grid", "choice") and not getattr(self, kind):
+            raise ValueError(f"{kind} is empty (give at least one value)")
+        if kind in ("uniform", "loguniform"):
+            lo, hi = getattr(self, kind)
+            if not lo < hi:
+                raise ValueError(f"{kind} needs [low, high] with low < high (got [{lo}, {hi}])")
+            if kind == "loguniform" and lo <= 0:
+                raise ValueError(f"loguniform needs low > 0 (got {lo})")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k))
+
+    def values(self) -> list[Any]:
+        """The values a trial can get: the list for grid/choice, the two bounds otherwise."""
+        return list(getattr(self, self.kind))
+
+
+def check_search_value(key: str, value: Any) -> Any:
+    """Validate one value of search key `key` with the schema of the field it sets (so a sweep
+    can never hand a trial a config the pipeline would refuse); return the parsed value."""
+    section, name = key.split(".", 1)
+    model = {"pruning": PruningConfig, "training": TrainingConfig}[section]
+    try:
+        return getattr(model.model_validate({name: value}), name)
+    except ValidationError as e:
+        err = e.errors()[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] != "value_error" and "(got" not in msg:
+            msg += f" (got {value!r})"
+        raise ValueError(f"{key}: {msg}") from None
 
 
 class SweepConfig(Strict):
+    """`puma-ray sweep`: Ray Tune over prune and epsilon settings, one trial = prune → train →
+    evaluate (see puma_ray/sweep.py and docs/sweeps.md)."""
+
     space: dict[str, SearchDim] = Field(
         default_factory=lambda: {
             "pruning.ratio": SearchDim(grid=[0.3, 0.6]),
             "pruning.eps_scale": SearchDim(grid=[0.5, 1.0]),
         }
     )
-    num_samples: PositiveInt = 1
-    metric: str = "robust_acc"
+    num_samples: PositiveInt = 1  # repeats of the grid; each draws its own choice/uniform values
+    metric: str = "robust_acc"  # what "best" means in the report: one of SWEEP_METRICS
     mode: Literal["max", "min"] = "max"
-    asha: bool = False
+    asha: bool = False  # stop weak trials early on their per-epoch test robust accuracy
+    asha_grace_epochs: PositiveInt = 1  # ASHA never stops a trial before this many epochs
+    asha_reduction_factor: Annotated[float, _in_range(1, 100, lo_open=True)] = 2.0
     max_concurrent_trials: PositiveInt = 1
+    # The trial's own process: it prunes (through Ray tasks), then drives its TorchTrainer and
+    # waits. Train workers (ray.num_workers x ray.cpus_per_worker) and the evaluation task
+    # (ray.cpus_per_worker) are requested on top of it while the trial runs.
+    trial_cpus: PositiveFloat = 0.5
+    trial_max_failures: NonNegInt = 1  # Tune retries of a failed trial (training resumes)
+    # add one unpruned trial (every sample at the full epsilon) unless the space has one
+    baseline: bool = True
 
-    def model_post_init(self, _ctx: Any) -> None:
-        for key in self.space:
+    @field_validator("space")
+    @classmethod
+    def _known_keys_and_values(cls, space: dict[str, SearchDim]) -> dict[str, SearchDim]:
+        for key, dim in space.items():
             if key not in SWEEPABLE:
                 raise ValueError(f"unknown search key {key!r} (allowed: {', '.join(SWEEPABLE)})")
+            if key in SWEEP_DISCRETE and dim.kind in ("uniform", "loguniform"):
+                raise ValueError(f"{key}: use grid or choice ({dim.kind} samples real numbers)")
+            for v in dim.values():
+                check_search_value(key, v)
+        return space
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, metric: str) -> str:
+        if metric not in SWEEP_METRICS:
+            raise ValueError(
+                f"unknown metric {metric!r} (expected one of {', '.join(SWEEP_METRICS)})"
+            )
+        return metric
 
 
 class TrackingConfig(Strict):
