@@ -161,13 +161,56 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.compare:
+        args.overrides = ["compare=[random, full]", *args.overrides]
     cfg = _config(args)
     run_dir = _run_dir(args, cfg)
     from puma_ray.pipeline import run_pipeline
 
-    result = run_pipeline(cfg, run_dir, force=tuple(args.force_stage), log=_say)
-    stages = ", ".join(f"{k} {v:.0f}s" for k, v in result.stage_seconds.items())
-    _say(f"run: done -> {run_dir} ({stages or 'everything up to date'})")
+    # the pipeline ends with its summary: stage times, counts, accuracy, MLflow location
+    run_pipeline(cfg, run_dir, force=tuple(args.force_stage), log=_say)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    if args.smoke_test:
+        # on 2 CPUs a trial (0.5) plus a 1-CPU Train worker would leave Ray Data's reads no CPU;
+        # logical CPUs only: the worker still runs one thread
+        args.overrides = ["ray.cpus_per_worker=0.5", *args.overrides]
+    cfg = _config(args)
+    run_dir = _run_dir(args, cfg)
+    from puma_ray.sweep import run_sweep
+
+    # run_sweep checks the search space before it starts Ray
+    result = run_sweep(
+        cfg,
+        run_dir,
+        tracking_uri=args.tracking_uri,
+        resume=not args.fresh,
+        log=_say,
+    )
+    _say(result.format())
+    return 0 if result.complete else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from puma_ray.errors import ConfigError
+    from puma_ray.report import load_report
+
+    experiment = args.config or "puma-ray"  # this command's positional names the experiment
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri and args.run_dir:
+        uri = f"sqlite:///{_absolute(args.run_dir)}/mlflow.db"
+    if not uri:
+        raise ConfigError(
+            "no MLflow store: give --tracking-uri URI (puma-ray sweep prints it), "
+            "--run-dir DIR (its mlflow.db) or set MLFLOW_TRACKING_URI"
+        )
+    report = load_report(uri, experiment, parent_run_id=args.run_id)
+    out = _absolute(args.out or os.path.join("reports", f"{experiment}-{report.parent_run_id[:8]}"))
+    files = report.write(out)
+    _say(report.format())
+    _say(f"report: {len(files)} files in {out} ({', '.join(files)})")
     return 0
 
 
@@ -178,6 +221,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "train": (cmd_train, "Ray Train adversarial training on the kept set (or all data)"),
     "evaluate": (cmd_evaluate, "clean, PGD and (optionally) AutoAttack accuracy of a checkpoint"),
     "run": (cmd_run, "the whole pipeline: ingest, margin model, score, prune, train, evaluate"),
+    "sweep": (cmd_sweep, "Ray Tune sweep of prune ratio x eps scaling (prune, train, evaluate)"),
+    "report": (cmd_report, "a sweep's table and plots, read from MLflow (no Ray needed)"),
     "config": (cmd_config, "print the fully resolved config (defaults, file and --set merged)"),
 }
 
@@ -227,11 +272,44 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="STAGE",
                 help="redo STAGE and everything after it (repeatable)",
             )
+            p.add_argument(
+                "--compare",
+                action="store_true",
+                help="also train the baselines (random subset of the same size, all data) with "
+                "the same recipe and print them beside PUMA (config: compare: [random, full])",
+            )
         if name == "prune":
             p.add_argument(
                 "--out-dir",
                 help="where the kept set goes (default: <run_dir>/kept; one per sweep trial)",
             )
+        if name == "sweep":
+            p.add_argument(
+                "--tracking-uri",
+                help="MLflow store (default: tracking.tracking_uri, else MLFLOW_TRACKING_URI, "
+                "else sqlite in the run dir); a shared server for concurrent trials",
+            )
+            p.add_argument(
+                "--fresh",
+                action="store_true",
+                help="start the sweep over instead of restoring an interrupted one",
+            )
+        if name == "report":
+            for action in p._actions:  # the shared positional names the experiment here
+                if action.dest == "config":
+                    action.metavar = "EXPERIMENT"
+                    action.help = "MLflow experiment of the sweep (default: puma-ray)"
+            p.add_argument(
+                "--tracking-uri",
+                help="MLflow store to read (default: MLFLOW_TRACKING_URI, else the sqlite "
+                "store of --run-dir)",
+            )
+            p.add_argument(
+                "--out",
+                help="folder for results.md/.csv and plots/ "
+                "(default: reports/<experiment>-<run id>)",
+            )
+            p.add_argument("--run-id", help="the sweep's parent run (default: the latest sweep)")
     return parser
 
 

@@ -7,25 +7,49 @@ fingerprint still matches and recomputes from the first changed one; downstream 
 automatically because their fingerprints include it. `--force STAGE` redoes one stage (and
 therefore everything after it).
 
-MLflow: one parent run per pipeline with each stage's summary metrics (prefixed by stage) and
-artifacts; each training run (margin model, the pruned run, comparison runs) is a child run
-with its per-epoch metrics. Sweeps use the same shape: parent per sweep, child per trial.
+`compare: [random, full]` (or `--compare`) adds baseline stages after `evaluate`: the same
+recipe trained on a random subset of the same size, and on all the data; the end summary puts
+them beside PUMA in one table.
+
+MLflow: one parent run per run directory (reopened by reruns) carrying the summary metrics, the
+resolved config and the final report; every training and evaluation (margin model, the pruned
+run, the baselines) is a child run with its own per-epoch metrics. Sweeps use the same shape:
+parent per sweep, child per trial.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from puma_ray import storage
-from puma_ray.config import PipelineConfig
+from puma_ray.config import PipelineConfig, dump_yaml
 from puma_ray.errors import ConfigError
 
 STAGES = ("ingest", "margin_model", "score", "prune", "train", "evaluate")
+BASELINES = ("random", "full")
+
+
+def stages_of(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The stages this config runs: the six of the mission, then one per baseline."""
+    return STAGES + tuple(f"baseline_{b}" for b in BASELINES if b in cfg.compare)
+
+
+def _downstream(stages: tuple[str, ...], name: str) -> tuple[str, ...]:
+    """`name` and the stages whose inputs include its output: the rest of the main chain; the
+    baselines read only the ingested data."""
+    if name.startswith("baseline_"):
+        return (name,)
+    main = [s for s in stages if not s.startswith("baseline_")]
+    after = main[main.index(name) :]
+    if name == "ingest":
+        after += [s for s in stages if s.startswith("baseline_")]
+    return tuple(after)
 
 
 def _hash(obj: Any) -> str:
@@ -46,42 +70,16 @@ def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     fp["margin_model"] = _hash([fp["ingest"], margin_inputs, d["seed"]])
     fp["score"] = _hash([fp["margin_model"], d["scoring"]])
     fp["prune"] = _hash([fp["score"], d["pruning"], d["training"]["attack"]])
-    fp["train"] = _hash([fp["prune"], d["model"], d["training"], d["seed"]])
+    recipe = [d["model"], d["training"], d["seed"]]
+    fp["train"] = _hash([fp["prune"], *recipe])
     fp["evaluate"] = _hash([fp["train"], d["evaluation"]])
+    # The baselines read neither scores nor the PUMA kept set: only the data, the recipe and
+    # the parameters a random subset shares with the pruned run (ratio, scope, classes, seed).
+    p = d["pruning"]
+    random_cut = {k: p[k] for k in ("ratio", "scope", "per_class", "seed")}
+    fp["baseline_random"] = _hash([fp["ingest"], random_cut, *recipe, d["evaluation"]])
+    fp["baseline_full"] = _hash([fp["ingest"], *recipe, d["evaluation"]])
     return fp
-
-
-@dataclass
-class PipelineResult:
-    run_dir: str
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)
-    summaries: dict[str, Any] = field(default_factory=dict)
-
-
-class PipelineState:
-    """`<run_dir>/pipeline.json`: the fingerprint each finished stage was computed with."""
-
-    def __init__(self, run_dir: str):
-        self.path = storage.join(run_dir, "pipeline.json")
-        self.done: dict[str, str] = {}
-        if storage.exists(self.path):
-            self.done = json.loads(storage.read_bytes(self.path)).get("stages", {})
-
-    def is_current(self, stage: str, fingerprint: str) -> bool:
-        return self.done.get(stage) == fingerprint
-
-    def invalidate(self, stage: str) -> None:
-        """Forget `stage` before redoing it, so an interrupted redo is never taken as done."""
-        if self.done.pop(stage, None) is not None:
-            self._write()
-
-    def mark(self, stage: str, fingerprint: str) -> None:
-        self.done[stage] = fingerprint
-        self._write()
-
-    def _write(self) -> None:
-        storage.atomic_write_bytes(self.path, json.dumps({"stages": self.done}, indent=2).encode())
 
 
 def margin_model_config(cfg: PipelineConfig) -> PipelineConfig:
@@ -92,6 +90,287 @@ def margin_model_config(cfg: PipelineConfig) -> PipelineConfig:
     return out
 
 
+def random_baseline_config(cfg: PipelineConfig) -> PipelineConfig:
+    """Random sub-sampling at the same ratio and scope, every kept sample at the base eps."""
+    out = cfg.model_copy(deep=True)
+    out.pruning.strategy = "random"
+    out.pruning.eps_rule = "none"
+    return out
+
+
+class PipelineState:
+    """`<run_dir>/pipeline.json`: the fingerprint each finished stage was computed with, and the
+    MLflow parent run of this run directory."""
+
+    def __init__(self, run_dir: str):
+        self.path = storage.join(run_dir, "pipeline.json")
+        self.done: dict[str, str] = {}
+        self.mlflow: dict[str, str] = {}
+        if storage.exists(self.path):
+            saved = json.loads(storage.read_bytes(self.path))
+            self.done = saved.get("stages", {})
+            self.mlflow = saved.get("mlflow", {})
+
+    def is_current(self, stage: str, fingerprint: str) -> bool:
+        return self.done.get(stage) == fingerprint
+
+    def invalidate(self, stages: tuple[str, ...]) -> None:
+        """Forget `stages` (one being redone and all after it) before the redo starts, so an
+        interrupted redo is never taken as done and nothing downstream outlives its input."""
+        if any([self.done.pop(s, None) is not None for s in stages]):
+            self._write()
+
+    def mark(self, stage: str, fingerprint: str) -> None:
+        self.done[stage] = fingerprint
+        self._write()
+
+    def set_mlflow(self, tracking_uri: str, run_id: str, fingerprint: str) -> None:
+        self.mlflow = {"tracking_uri": tracking_uri, "run_id": run_id, "fingerprint": fingerprint}
+        self._write()
+
+    def _write(self) -> None:
+        body = {"stages": self.done, "mlflow": self.mlflow}
+        storage.atomic_write_bytes(self.path, json.dumps(body, indent=2).encode())
+
+
+# ----------------------------------------------------------------------------------------------
+# The end summary: read back from the stages' own files, so a rerun that skips everything
+# prints the same story as the run that computed it.
+
+
+@dataclass
+class MethodResult:
+    """One trained model of the comparison table."""
+
+    method: str
+    rows: int
+    clean_acc: float | None
+    robust_acc: float | None
+    train_device_s: float | None
+
+
+@dataclass
+class PipelineReport:
+    run_dir: str
+    rows_scored: int = 0
+    misclassified: int = 0
+    kept: int = 0
+    pruned: int = 0
+    eps_adjusted: int = 0
+    attack: str = ""
+    device_seconds: dict[str, float] = field(default_factory=dict)
+    methods: list[MethodResult] = field(default_factory=list)
+
+    @property
+    def total_device_s(self) -> float:
+        return sum(self.device_seconds.values())
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metrics for the MLflow parent run."""
+        out: dict[str, float] = {
+            "score.rows": self.rows_scored,
+            "score.misclassified": self.misclassified,
+            "prune.kept": self.kept,
+            "prune.pruned": self.pruned,
+            "prune.eps_adjusted": self.eps_adjusted,
+            "device_seconds": self.total_device_s,
+        }
+        out.update({f"device_seconds.{k}": v for k, v in self.device_seconds.items()})
+        for m in self.methods:
+            for key in ("clean_acc", "robust_acc", "train_device_s"):
+                value = getattr(m, key)
+                if value is not None:
+                    out[f"{m.method}.{key}"] = value
+        return out
+
+    def table(self) -> str:
+        """The comparison as a Markdown table (PUMA first, then the baselines)."""
+        lines = [
+            f"| method | train rows | clean acc | robust acc ({self.attack}) | train device-s |",
+            "|---|---:|---:|---:|---:|",
+        ]
+
+        def num(v, fmt):
+            return "—" if v is None else format(v, fmt)
+
+        for m in self.methods:
+            lines.append(
+                f"| {m.method} | {m.rows:,} | {num(m.clean_acc, '.4f')} | "
+                f"{num(m.robust_acc, '.4f')} | {num(m.train_device_s, '.0f')} |"
+            )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {**asdict(self), "total_device_s": self.total_device_s}
+
+
+def _read(path: str) -> dict:
+    try:
+        return json.loads(storage.read_bytes(path))
+    except (FileNotFoundError, OSError, ValueError):
+        return {}
+
+
+def _train_device_s(summary: dict) -> float | None:
+    history = summary.get("history") or []
+    return float(history[-1]["device_seconds"]) if history else None
+
+
+def pipeline_report(cfg: PipelineConfig, run_dir: str) -> PipelineReport:
+    """Collect the numbers of a finished run from the files its stages wrote."""
+    score = _read(storage.join(run_dir, "scores", "manifest.json")).get("summary", {})
+    kept = _read(storage.join(run_dir, "kept", "manifest.json")).get("counts", {})
+    a = cfg.training.attack
+    eps = f"{a.epsilon * 255:.0f}/255" if a.norm == "linf" else f"{a.epsilon:.3f}"
+    report = PipelineReport(
+        run_dir=run_dir,
+        rows_scored=int(score.get("rows", 0)),
+        misclassified=int(score.get("misclassified", 0)),
+        kept=int(kept.get("kept", 0)),
+        pruned=int(kept.get("pruned", 0)),
+        eps_adjusted=int(kept.get("eps_adjusted", 0)),
+        attack=f"PGD-{cfg.evaluation.pgd_steps} {a.norm} {eps}",
+    )
+    margin = _train_device_s(_read(storage.join(run_dir, "margin_model", "summary.json")))
+    if margin is not None:
+        report.device_seconds["margin_model"] = margin
+    if score.get("device_s") is not None:
+        report.device_seconds["score"] = float(score["device_s"])
+    names = [(cfg.pruning.strategy, "train", "evaluate")] + [
+        (b, f"train_{b}", f"evaluate_{b}") for b in BASELINES if b in cfg.compare
+    ]
+    for method, train_dir, eval_dir in names:
+        train = _read(storage.join(run_dir, train_dir, "summary.json"))
+        ev = _read(storage.join(run_dir, eval_dir, "summary.json"))
+        if not train:
+            continue
+        device_s = _train_device_s(train)
+        if device_s is not None:
+            report.device_seconds[train_dir] = device_s
+        report.methods.append(
+            MethodResult(
+                method=method,
+                rows=int(train.get("rows", 0)),
+                clean_acc=ev.get("clean_acc"),
+                robust_acc=ev.get("robust_acc"),
+                train_device_s=device_s,
+            )
+        )
+    return report
+
+
+@dataclass
+class PipelineResult:
+    run_dir: str
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    summaries: dict[str, Any] = field(default_factory=dict)
+    report: PipelineReport | None = None
+    mlflow_run_id: str | None = None
+    tracking_uri: str | None = None
+    wall_s: float = 0.0
+
+    def format(self, stages: tuple[str, ...]) -> str:
+        r = self.report
+        lines = [f"run: finished in {self.wall_s:.0f}s -> {self.run_dir}"]
+        lines.append(f"  {'stage':<18}{'status':<10}{'wall s':>8}")
+        for name in stages:
+            if name in self.skipped:
+                lines.append(f"  {name:<18}{'skipped':<10}{'-':>8}")
+            else:
+                lines.append(f"  {name:<18}{'ran':<10}{self.stage_seconds.get(name, 0):>8.1f}")
+        if r is not None:
+            lines += [
+                f"  rows scored      {r.rows_scored:,} (misclassified by the margin model: "
+                f"{r.misclassified:,})",
+                f"  kept / pruned    {r.kept:,} / {r.pruned:,}; eps-adjusted {r.eps_adjusted:,}",
+            ]
+            if r.methods:
+                m = r.methods[0]
+                lines.append(
+                    f"  accuracy         clean {m.clean_acc:.4f}, robust {m.robust_acc:.4f} "
+                    f"({r.attack})"
+                    if m.clean_acc is not None and m.robust_acc is not None
+                    else "  accuracy         (not evaluated)"
+                )
+            parts = ", ".join(f"{k} {v:.0f}" for k, v in r.device_seconds.items())
+            lines.append(f"  device-seconds   {r.total_device_s:.0f} ({parts})")
+            if len(r.methods) > 1:
+                lines += ["", *("  " + t for t in r.table().splitlines())]
+        lines.append(f"  artifacts        {self.run_dir}")
+        if self.mlflow_run_id and self.tracking_uri:
+            lines.append(f"  MLflow           run {self.mlflow_run_id} in {self.tracking_uri}")
+            lines.append(f"  open it with     mlflow ui --backend-store-uri {self.tracking_uri}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run.
+
+
+def _parent_run(cfg: PipelineConfig, run_dir: str, state: PipelineState, fingerprint: str, log):
+    """The pipeline's parent run: reopened by a rerun of the same config (an interrupted run
+    continues in it), a new one when the config changed (its params would be stale)."""
+    from puma_ray import tracking
+
+    uri = tracking.tracking_uri(cfg.tracking, run_dir)
+    if uri is None:
+        return None
+    saved = state.mlflow
+    same = saved.get("tracking_uri") == uri and saved.get("fingerprint") == fingerprint
+    resume = saved.get("run_id") if same else None
+    run = tracking.start_run(
+        cfg.tracking,
+        run_dir,
+        run_name=f"pipeline-{cfg.name}",
+        params={
+            "name": cfg.name,
+            "seed": cfg.seed,
+            "run_dir": run_dir,
+            "pruning": cfg.pruning.model_dump(mode="json"),
+            "training.objective": cfg.training.objective,
+            "training.epochs": cfg.training.epochs,
+            "compare": ",".join(cfg.compare) or "none",
+        },
+        tags={"puma_ray.stage": "pipeline", "puma_ray.fingerprint": fingerprint},
+        resume_run_id=resume,
+        log=log,
+    )
+    if run is not None and run.run_id != resume:
+        state.set_mlflow(uri, run.run_id, fingerprint)
+    return run
+
+
+def _log_parent(run, cfg: PipelineConfig, run_dir: str, result: PipelineResult, log) -> None:
+    """Summary metrics, stage times, the resolved config and the report on the parent run."""
+    import tempfile
+
+    from puma_ray import tracking
+
+    report = result.report
+    metrics = dict(report.metrics()) if report is not None else {}
+    metrics.update({f"stage_seconds.{k}": v for k, v in result.stage_seconds.items()})
+    tracking.safe(run.log_metrics, metrics, 0, log=log)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {
+            "config.yaml": dump_yaml(cfg),
+            "pipeline.json": storage.read_bytes(storage.join(run_dir, "pipeline.json")).decode(),
+        }
+        if report is not None:
+            files["report.md"] = report.table() + "\n"
+            files["report.json"] = json.dumps(report.to_dict(), indent=1)
+        kept = storage.join(run_dir, "kept", "manifest.json")
+        if storage.exists(kept):
+            files["kept_manifest.json"] = storage.read_bytes(kept).decode()
+        for name, text in files.items():
+            path = os.path.join(tmp, name)
+            with open(path, "w") as f:
+                f.write(text)
+            tracking.safe(run.log_artifact, path, "pipeline", log=log)
+
+
 def run_pipeline(
     cfg: PipelineConfig,
     run_dir: str,
@@ -99,9 +378,11 @@ def run_pipeline(
     force: tuple[str, ...] = (),
     log: Callable[[str], None] = print,
 ) -> PipelineResult:
+    stages = stages_of(cfg)
     for stage in force:
-        if stage not in STAGES:
-            raise ConfigError(f"--force {stage}: unknown stage (stages: {', '.join(STAGES)})")
+        if stage not in stages:
+            raise ConfigError(f"--force {stage}: unknown stage (stages: {', '.join(stages)})")
+    from puma_ray import tracking
     from puma_ray.evaluate import run_evaluate
     from puma_ray.ingest import run_ingest
     from puma_ray.prune import run_prune
@@ -109,48 +390,114 @@ def run_pipeline(
     from puma_ray.score import run_score
     from puma_ray.train import run_train
 
+    begin = time.perf_counter()
     ensure_ray(cfg.ray)
     storage.makedirs(run_dir)
     fps = stage_fingerprints(cfg)
     state = PipelineState(run_dir)
     result = PipelineResult(run_dir=run_dir)
-    redo_from = min((STAGES.index(s) for s in force), default=len(STAGES))
+    parent = _parent_run(cfg, run_dir, state, _hash([fps[s] for s in stages]), log)
+    pid = parent.run_id if parent is not None else None
+    if parent is not None:
+        result.mlflow_run_id, result.tracking_uri = parent.run_id, parent.tracking_uri
+    redo_from = min((stages.index(s) for s in force), default=len(stages))
+
+    def train_and_evaluate(c: PipelineConfig, dataset: str, suffix: str, kept: str | None):
+        run_train(
+            c,
+            run_dir,
+            dataset=dataset,
+            name=f"train{suffix}",
+            kept_dir=kept,
+            mlflow_parent_run_id=pid,
+            log=log,
+        )
+        model = storage.join(run_dir, f"train{suffix}", "model.pt")
+        name = f"evaluate{suffix}"
+        return run_evaluate(c, run_dir, model, name=name, mlflow_parent_run_id=pid, log=log)
+
+    def baseline_random(f: bool):
+        c = random_baseline_config(cfg)
+        kept = storage.join(run_dir, "kept_random")
+        log(run_prune(c, run_dir, force=f, out_dir=kept, log=log).format())
+        return train_and_evaluate(c, "kept", "_random", kept)
 
     def stage_fn(name: str) -> Callable[[bool], Any]:
         return {
-            "ingest": lambda f: run_ingest(cfg, run_dir, parallel=True, force=f),
+            "ingest": lambda f: run_ingest(cfg, run_dir, parallel=True, force=f, log=log),
             "margin_model": lambda f: (
                 None
                 if cfg.margin_model.checkpoint
                 else run_train(
-                    margin_model_config(cfg), run_dir, dataset="full", name="margin_model"
+                    margin_model_config(cfg),
+                    run_dir,
+                    dataset="full",
+                    name="margin_model",
+                    mlflow_parent_run_id=pid,
+                    log=log,
                 )
             ),
             "score": lambda f: run_score(cfg, run_dir, force=f, log=log),
-            "prune": lambda f: run_prune(cfg, run_dir, force=f),
-            "train": lambda f: run_train(cfg, run_dir, dataset="kept", name="train"),
-            "evaluate": lambda f: run_evaluate(
-                cfg, run_dir, checkpoint=storage.join(run_dir, "train", "model.pt")
+            "prune": lambda f: run_prune(cfg, run_dir, force=f, log=log),
+            "train": lambda f: run_train(
+                cfg, run_dir, dataset="kept", name="train", mlflow_parent_run_id=pid, log=log
             ),
+            "evaluate": lambda f: run_evaluate(
+                cfg,
+                run_dir,
+                checkpoint=storage.join(run_dir, "train", "model.pt"),
+                mlflow_parent_run_id=pid,
+                log=log,
+            ),
+            "baseline_random": baseline_random,
+            "baseline_full": lambda f: train_and_evaluate(cfg, "full", "_full", None),
         }[name]
 
-    for i, name in enumerate(STAGES):
-        current = state.is_current(name, fps[name]) and i < redo_from
-        if current:
-            result.skipped.append(name)
-            log(f"[{name}] up to date, skipped")
-            continue
-        state.invalidate(name)
-        log(f"[{name}] running")
-        start = time.perf_counter()
-        # Only an explicit --force wipes a stage's output; otherwise the stage's own manifest and
-        # fingerprint logic resumes what an interrupted run finished (e.g. scored shards).
-        summary = stage_fn(name)(name in force)
-        result.stage_seconds[name] = time.perf_counter() - start
-        result.summaries[name] = summary
-        # train and evaluate print their own tables; the others return theirs
-        if name in ("ingest", "score", "prune") and summary is not None:
-            log(summary.format())
-        log(f"[{name}] done in {result.stage_seconds[name]:.1f}s")
-        state.mark(name, fps[name])
+    status = "FAILED"
+    try:
+        for i, name in enumerate(stages):
+            if state.is_current(name, fps[name]) and i < redo_from:
+                result.skipped.append(name)
+                log(f"[{name}] up to date, skipped")
+                continue
+            state.invalidate(_downstream(stages, name))
+            log(f"[{name}] running")
+            start = time.perf_counter()
+            # Only an explicit --force wipes a stage's output; otherwise the stage's own manifest
+            # and fingerprint logic resumes what an interrupted run finished (e.g. scored shards).
+            summary = stage_fn(name)(name in force)
+            result.stage_seconds[name] = time.perf_counter() - start
+            result.summaries[name] = summary
+            # train and evaluate print their own tables; the others return theirs
+            if name in ("ingest", "score", "prune") and summary is not None:
+                log(summary.format())
+            log(f"[{name}] done in {result.stage_seconds[name]:.1f}s")
+            state.mark(name, fps[name])
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        result.wall_s = time.perf_counter() - begin
+        if status == "FINISHED":
+            result.report = pipeline_report(cfg, run_dir)
+            storage.atomic_write_bytes(
+                storage.join(run_dir, "report.json"),
+                json.dumps(
+                    {
+                        **result.report.to_dict(),
+                        "stage_seconds": result.stage_seconds,
+                        "skipped": result.skipped,
+                        "wall_s": result.wall_s,
+                        "mlflow_run_id": result.mlflow_run_id,
+                        "tracking_uri": result.tracking_uri,
+                    },
+                    indent=1,
+                ).encode(),
+            )
+        if parent is not None:
+            if status == "FINISHED":
+                _log_parent(parent, cfg, run_dir, result, log)
+            tracking.safe(parent.finish, status, log=log)
+    log(result.format(stages))
     return result

@@ -1,0 +1,215 @@
+"""`puma-ray run` end to end on tiny builtin data with a real local Ray and a real MLflow sqlite
+store: every stage's artifacts and metrics, the baselines of `compare`, the MLflow parent/child
+runs, a rerun that skips everything, a changed prune ratio that redoes prune + train only, and
+an interrupted stage that is never taken as done."""
+
+import json
+import os
+
+import pytest
+
+from puma_ray.cli import main as cli_main
+from puma_ray.config import load_config
+from puma_ray.pipeline import STAGES, run_pipeline
+
+TINY = [
+    "name=tiny",
+    "data.sources=[{type: builtin, real_train: 96, real_test: 64, synthetic: 160}]",
+    "data.rows_per_shard=64",
+    "margin_model.train.epochs=1",
+    "margin_model.train.batch_size=32",
+    "margin_model.train.attack.steps=1",
+    "training.epochs=1",
+    "training.batch_size=32",
+    "training.attack.steps=1",
+    "scoring.max_iter=5",
+    "scoring.batch_size=64",
+    "pruning.ratio=0.25",
+    "evaluation.subset=32",
+    "evaluation.pgd_steps=2",
+    "evaluation.batch_size=32",
+    "ray.num_workers=0",
+    "tracking.experiment=test-pipeline",
+]
+BASELINE_STAGES = ("baseline_random", "baseline_full")
+
+
+def _cfg(tmp, *sets):
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    return load_config(None, [*TINY, f"tracking.tracking_uri={uri}", *sets])
+
+
+def _stages(run_dir):
+    return json.load(open(os.path.join(run_dir, "pipeline.json")))["stages"]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, ray_local):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    run_dir = str(tmp / "run")
+    logs: list[str] = []
+    cfg = _cfg(tmp, "compare=[random, full]")
+    result = run_pipeline(cfg, run_dir, log=logs.append)
+    return tmp, run_dir, cfg, result, logs
+
+
+def test_every_stage_leaves_its_artifacts(first_run):
+    _tmp, run_dir, _cfg_, result, logs = first_run
+    assert result.skipped == []
+    assert set(result.stage_seconds) == set(STAGES + BASELINE_STAGES)
+    assert set(_stages(run_dir)) == set(STAGES + BASELINE_STAGES)
+
+    data = json.load(open(os.path.join(run_dir, "data", "train", "dataset.json")))
+    assert data["num_rows"] == 256
+    scores = json.load(open(os.path.join(run_dir, "scores", "manifest.json")))["summary"]
+    assert scores["rows"] == 256 and scores["rows_scored_now"] == 256
+    kept = json.load(open(os.path.join(run_dir, "kept", "manifest.json")))
+    assert kept["strategy"] == "puma"
+    n_kept, n_pruned = kept["counts"]["kept"], kept["counts"]["pruned"]
+    # 25% of the 160 synthetic rows (scope: synthetic), rounded per class
+    assert n_kept + n_pruned == 256 and abs(n_pruned - 40) <= 5
+    assert kept["counts"]["eps_adjusted"] > 0
+    random_kept = json.load(open(os.path.join(run_dir, "kept_random", "manifest.json")))
+    assert random_kept["strategy"] == "random"
+    assert random_kept["counts"]["kept"] == n_kept  # the same size, to compare like with like
+    assert random_kept["counts"]["eps_adjusted"] == 0
+    for name in ("margin_model", "train", "train_random", "train_full"):
+        assert os.path.exists(os.path.join(run_dir, name, "model.pt")), name
+    for name in ("evaluate", "evaluate_random", "evaluate_full"):
+        ev = json.load(open(os.path.join(run_dir, name, "summary.json")))
+        assert ev["rows"] == 32
+        assert 0 <= ev["pgd_acc"] <= ev["clean_acc"] <= 1
+
+    report = json.load(open(os.path.join(run_dir, "report.json")))
+    assert [m["method"] for m in report["methods"]] == ["puma", "random", "full"]
+    assert [m["rows"] for m in report["methods"]] == [n_kept, n_kept, 256]
+    assert report["rows_scored"] == 256
+    assert (report["kept"], report["pruned"]) == (n_kept, n_pruned)
+    assert set(report["device_seconds"]) == {
+        "margin_model",
+        "score",
+        "train",
+        "train_random",
+        "train_full",
+    }
+    assert all(v > 0 for v in report["device_seconds"].values())
+
+    summary = "\n".join(logs[-30:])
+    assert f"kept / pruned    {n_kept} / {n_pruned}" in summary
+    assert f"mlflow ui --backend-store-uri {result.tracking_uri}" in summary
+    assert f"| puma | {n_kept} |" in summary and "| full | 256 |" in summary
+
+
+def test_mlflow_parent_run_with_child_runs(first_run):
+    from mlflow.tracking import MlflowClient
+
+    _tmp, run_dir, cfg, result, _logs = first_run
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    assert result.tracking_uri == f"sqlite:///{_tmp}/mlflow.db"
+    exp = client.get_experiment_by_name("test-pipeline")
+    parent = client.get_run(result.mlflow_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["pruning.ratio"] == "0.25"
+    m = parent.data.metrics
+    kept = json.load(open(os.path.join(run_dir, "kept", "manifest.json")))["counts"]
+    assert m["score.rows"] == 256
+    assert (m["prune.kept"], m["prune.pruned"]) == (kept["kept"], kept["pruned"])
+    for method in ("puma", "random", "full"):
+        assert 0 <= m[f"{method}.robust_acc"] <= m[f"{method}.clean_acc"] <= 1
+    assert m["device_seconds"] > 0 and m["stage_seconds.score"] > 0
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "pipeline")}
+    assert {"pipeline/config.yaml", "pipeline/report.md", "pipeline/kept_manifest.json"} <= (
+        artifacts
+    )
+
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    names = sorted(r.info.run_name for r in children)
+    assert names == sorted(
+        [
+            "margin_model",
+            "train",
+            "evaluate",
+            "train_random",
+            "evaluate_random",
+            "train_full",
+            "evaluate_full",
+        ]
+    )
+    train = next(r for r in children if r.info.run_name == "train")
+    assert train.info.status == "FINISHED"
+    assert len(client.get_metric_history(train.info.run_id, "train_loss")) == 1  # 1 epoch
+    ev = next(r for r in children if r.info.run_name == "evaluate")
+    assert (
+        ev.data.metrics["clean_acc"]
+        == json.load(open(os.path.join(run_dir, "evaluate", "summary.json")))["clean_acc"]
+    )
+
+
+def test_rerun_skips_then_changed_ratio_redoes_prune_and_train(first_run):
+    tmp, run_dir, cfg, first, _logs = first_run
+    stamp = {
+        name: os.path.getmtime(os.path.join(run_dir, *name.split("/")))
+        for name in ("scores/manifest.json", "margin_model/model.pt", "train/model.pt")
+    }
+
+    # 1. the same config again: nothing runs, the same MLflow parent run is reopened
+    again = run_pipeline(cfg, run_dir, log=lambda _m: None)
+    assert again.skipped == list(STAGES + BASELINE_STAGES)
+    assert again.stage_seconds == {}
+    assert again.mlflow_run_id == first.mlflow_run_id
+
+    # 2. a new prune ratio (through the CLI): prune, train and evaluate run, the rest is reused
+    code = cli_main(
+        [
+            "run",
+            "--run-dir",
+            run_dir,
+            *[a for s in TINY for a in ("--set", s)],
+            "--set",
+            f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db",
+            "--set",
+            "pruning.ratio=0.5",
+        ]
+    )
+    assert code == 0
+    kept = json.load(open(os.path.join(run_dir, "kept", "manifest.json")))
+    assert abs(kept["counts"]["pruned"] - 80) <= 5
+    assert (
+        os.path.getmtime(os.path.join(run_dir, "scores", "manifest.json"))
+        == stamp["scores/manifest.json"]
+    )
+    assert (
+        os.path.getmtime(os.path.join(run_dir, "margin_model", "model.pt"))
+        == stamp["margin_model/model.pt"]
+    )
+    assert os.path.getmtime(os.path.join(run_dir, "train", "model.pt")) > stamp["train/model.pt"]
+    report = json.load(open(os.path.join(run_dir, "report.json")))
+    assert report["skipped"] == ["ingest", "margin_model", "score"]
+    assert sorted(report["stage_seconds"]) == ["evaluate", "prune", "train"]
+    assert report["mlflow_run_id"] != first.mlflow_run_id  # a new config, a new parent run
+
+    # 3. Ctrl-C as training starts: the interrupted stage is not recorded as done, and the
+    #    next run picks up exactly there
+    ratio = "pruning.ratio=0.4"
+
+    def interrupt(msg):
+        if msg == "[train] running":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(_cfg(tmp, ratio), run_dir, log=interrupt)
+    done = _stages(run_dir)
+    assert "prune" in done and "train" not in done and "evaluate" not in done
+    resumed = run_pipeline(_cfg(tmp, ratio), run_dir, log=lambda _m: None)
+    assert resumed.skipped == ["ingest", "margin_model", "score", "prune"]
+    assert set(resumed.stage_seconds) == {"train", "evaluate"}
+
+
+def test_unknown_force_stage_is_refused(first_run):
+    from puma_ray.errors import ConfigError
+
+    tmp, run_dir, cfg, _result, _logs = first_run
+    with pytest.raises(ConfigError, match="--force baseline_random: unknown stage"):
+        run_pipeline(_cfg(tmp), run_dir, force=("baseline_random",))
