@@ -151,3 +151,79 @@ def safe(fn, *args, log=print, **kwargs) -> None:
         fn(*args, **kwargs)
     except Exception as e:
         log(f"warning: MLflow logging failed ({type(e).__name__}: {str(e)[:200]})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers for sweeps and reports (additions; everything above keeps its behaviour).
+
+
+def absolute_uri(uri: str) -> str:
+    """`sqlite:///rel/path.db` made absolute against this process's CWD; other URIs as given.
+    Tune trials and Train workers run in other directories (notes §2.4), so a relative sqlite
+    path would give each of them its own empty store."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + os.path.abspath(uri[len(prefix) :])
+    return uri
+
+
+def sqlite_path(uri: str) -> str | None:
+    """The database file of a sqlite URI (None for other stores)."""
+    prefix = "sqlite:///"
+    return uri[len(prefix) :] if uri.startswith(prefix) else None
+
+
+def git_revision(path: str | None = None) -> str | None:
+    """The commit of the git checkout holding `path` (default: this package), suffixed with
+    `-dirty` when tracked files differ from it; None outside a checkout or without git."""
+    import subprocess
+
+    where = path or os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(
+            ["git", "-C", where, "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}-dirty" if dirty else commit or None
+
+
+def log_params(handle: RunHandle, params: dict) -> None:
+    """Log nested `params` flattened to dotted keys ("pruning.ratio"), 100 per request. MLflow
+    refuses to change a logged param, so callers log each key with one value per run."""
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in sorted(_flatten(params).items())]
+    client = handle.client()
+    for i in range(0, len(items), 100):
+        client.log_batch(handle.run_id, params=items[i : i + 100])
+
+
+def set_tags(handle: RunHandle, tags: dict[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    items = [RunTag(k, str(v)) for k, v in tags.items()]
+    if items:
+        handle.client().log_batch(handle.run_id, tags=items)
+
+
+def log_bytes(handle: RunHandle, name: str, data: bytes | str, artifact_path: str | None) -> None:
+    """Log `data` as the artifact file `<artifact_path>/<name>`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, name)
+        with open(path, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        handle.log_artifact(path, artifact_path)

@@ -1,0 +1,552 @@
+"""`puma-ray report [EXPERIMENT]`: a sweep's results read back from MLflow alone (no Ray, no run
+directory): a table (Markdown and CSV) and four plots. `puma-ray sweep` runs the same code at
+its end and logs the files on the sweep's parent run, so the MLflow UI and this command show
+the same numbers.
+
+What the plots show (docs/sweeps.md has an example of each):
+- pareto.png: clean vs robust accuracy per finished trial. The Pareto front (no other trial is
+  at least as good on both and better on one) is the red line; the unpruned baseline is a star.
+- robust_vs_ratio.png: robust accuracy vs prune ratio, one line per eps_scale (and per other
+  swept setting); repeats of a point are averaged, the bar spans their min..max; the unpruned
+  baseline is a dashed line.
+- compute.png: training device-seconds per trial (summed over workers) and its share of the
+  unpruned baseline's; says so when the sweep has no baseline.
+- curves.png: per-epoch robust accuracy on the test subset, the signal ASHA stops trials on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from dataclasses import dataclass, field
+
+from puma_ray.errors import PumaRayError
+
+PLOTS = ("pareto.png", "robust_vs_ratio.png", "compute.png", "curves.png")
+_EPS_KEYS = ("pruning.eps_scale", "pruning.eps_quantile", "pruning.eps_alpha")
+
+
+class ReportError(PumaRayError):
+    """The tracking store, experiment or sweep run asked for does not exist."""
+
+
+@dataclass
+class TrialRow:
+    """One trial of a sweep, as its MLflow child run records it."""
+
+    trial: str
+    run_id: str
+    status: str  # finished | stopped early | failed | interrupted | running
+    label: str
+    values: dict[str, str]  # swept key -> value as logged ("—" where it does not apply)
+    ratio: float | None
+    baseline: bool  # prunes nothing and keeps every epsilon: the compute reference
+    added_baseline: bool  # the trial the sweep added (not a point of the grid)
+    clean_acc: float | None
+    robust_acc: float | None
+    pgd_acc: float | None
+    device_seconds: float | None
+    kept_rows: int | None
+    kept_fraction: float | None
+    epochs: int | None
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, test robust acc)
+    pareto: bool = False
+    vs_baseline: float | None = None  # device_seconds / the baseline's
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished" and self.clean_acc is not None
+
+
+@dataclass
+class SweepReport:
+    experiment: str
+    tracking_uri: str
+    parent_run_id: str
+    sweep: str
+    metric: str
+    mode: str
+    swept: list[str]
+    attack: str
+    rows: list[TrialRow]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def baselines(self) -> list[TrialRow]:
+        return [r for r in self.rows if r.baseline and r.device_seconds is not None]
+
+    @property
+    def baseline_device_s(self) -> float | None:
+        b = [r.device_seconds for r in self.baselines if r.finished]
+        return sum(b) / len(b) if b else None
+
+    @property
+    def best(self) -> TrialRow | None:
+        done = [r for r in self.rows if r.finished and getattr(r, self.metric) is not None]
+        if not done:
+            return None
+        pick = max if self.mode == "max" else min
+        return pick(done, key=lambda r: getattr(r, self.metric))
+
+    # ------------------------------------------------------------------ table
+
+    def _columns(self) -> list[str]:
+        return [k for k in self.swept if not k.endswith(".seed")] + [
+            k for k in self.swept if k.endswith(".seed")
+        ]
+
+    def markdown(self) -> str:
+        cols = self._columns()
+        head = ["trial", "status", *(_short(k) for k in cols)]
+        head += ["kept rows", "clean acc", f"robust acc ({self.attack})", "train device-s"]
+        head += ["vs unpruned", "Pareto"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(_align(h) for h in head) + "|"]
+        for r in self.rows:
+            name = r.trial + (" (unpruned)" if r.baseline else "")
+            cells = [name, r.status, *(r.values.get(k, "—") for k in cols)]
+            cells += [
+                _num(r.kept_rows, ",d"),
+                _num(r.clean_acc, ".4f"),
+                _num(r.robust_acc, ".4f"),
+                _num(r.device_seconds, ".1f"),
+                _num(None if r.vs_baseline is None else 100 * r.vs_baseline, ".0f", "%"),
+                "yes" if r.pareto else "",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def csv_text(self) -> str:
+        cols = self._columns()
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(
+            ["trial", "status", "label", *cols, "unpruned", "kept_rows", "kept_fraction"]
+            + ["clean_acc", "robust_acc", "pgd_acc", "device_seconds", "vs_unpruned"]
+            + ["pareto", "epochs", "mlflow_run_id"]
+        )
+        for r in self.rows:
+            w.writerow(
+                [r.trial, r.status, r.label, *(r.values.get(k, "") for k in cols)]
+                + [r.baseline, _raw(r.kept_rows), _raw(r.kept_fraction)]
+                + [_raw(r.clean_acc), _raw(r.robust_acc), _raw(r.pgd_acc)]
+                + [_raw(r.device_seconds), _raw(r.vs_baseline), r.pareto, _raw(r.epochs)]
+                + [r.run_id]
+            )
+        return buf.getvalue()
+
+    def format(self) -> str:
+        lines = [
+            f"sweep {self.sweep}: {len(self.rows)} trials in experiment {self.experiment!r} "
+            f"(MLflow run {self.parent_run_id})",
+            "",
+            self.markdown(),
+            "",
+        ]
+        best = self.best
+        if best is not None:
+            lines.append(
+                f"best by {self.metric} ({self.mode}): {best.trial} {best.label} — clean "
+                f"{best.clean_acc:.4f}, robust {best.robust_acc:.4f}, "
+                f"{_num(best.device_seconds, '.1f')} device-s"
+            )
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ files
+
+    def write(self, out_dir: str) -> list[str]:
+        """Write results.md, results.csv and plots/*.png under `out_dir`; return the paths
+        relative to it."""
+        os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
+        md = [f"# Sweep {self.sweep}", "", self.format(), ""]
+        md += [f"![{p}](plots/{p})" for p in PLOTS]
+        files = {"results.md": "\n".join(md) + "\n", "results.csv": self.csv_text()}
+        for name, text in files.items():
+            with open(os.path.join(out_dir, name), "w") as f:
+                f.write(text)
+        _plot_all(self, os.path.join(out_dir, "plots"))
+        return list(files) + [f"plots/{p}" for p in PLOTS]
+
+
+def _short(key: str) -> str:
+    section, name = key.split(".", 1)
+    return name if section == "pruning" else f"{section}_{name}"
+
+
+def _align(header: str) -> str:
+    return "---" if header in ("trial", "status", "Pareto") else "---:"
+
+
+def _num(v, fmt: str, suffix: str = "") -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:{fmt}}{suffix}"
+
+
+def _raw(v) -> str:
+    return "" if v is None else str(v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading MLflow.
+
+
+def _client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    from puma_ray.tracking import sqlite_path
+
+    db = sqlite_path(tracking_uri)
+    if db is not None and not os.path.exists(db):
+        # MlflowClient would create an empty store there and then find nothing
+        raise ReportError(f"{tracking_uri}: no MLflow store at {db}")
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _search_all(client, exp_id: str, filter_string: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [exp_id], filter_string=filter_string, max_results=1000, page_token=token
+        )
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _float(metrics: dict, key: str) -> float | None:
+    v = metrics.get(key)
+    return None if v is None or math.isnan(v) else float(v)
+
+
+def _status(run) -> str:
+    tag = run.data.tags.get("puma_ray.trial_status")
+    if tag:
+        return tag
+    return "running" if run.info.status == "RUNNING" else "incomplete"
+
+
+def load_report(
+    tracking_uri: str, experiment: str, *, parent_run_id: str | None = None
+) -> SweepReport:
+    """The sweep `parent_run_id` (default: the latest sweep) of `experiment` (a name or an
+    id) from the MLflow store at `tracking_uri`."""
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None and experiment.isdigit():
+        try:
+            exp = client.get_experiment(experiment)
+        except Exception:
+            exp = None
+    if exp is None:
+        names = ", ".join(repr(e.name) for e in client.search_experiments()) or "none"
+        raise ReportError(f"no experiment {experiment!r} in {tracking_uri} (experiments: {names})")
+    if parent_run_id:
+        try:
+            parent = client.get_run(parent_run_id)
+        except Exception:
+            raise ReportError(f"{tracking_uri}: no run {parent_run_id}") from None
+    else:
+        found = client.search_runs(
+            [exp.experiment_id],
+            filter_string="tags.`puma_ray.stage` = 'sweep'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if not found:
+            raise ReportError(
+                f"experiment {exp.name!r} in {tracking_uri} has no sweep (run `puma-ray sweep`)"
+            )
+        parent = found[0]
+    p = parent.data.params
+    swept = [k for k in p.get("sweep.swept", "").split(",") if k]
+    children = _search_all(
+        client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    rows = [_row(client, run, swept) for run in children]
+    report = SweepReport(
+        experiment=exp.name,
+        tracking_uri=tracking_uri,
+        parent_run_id=parent.info.run_id,
+        sweep=p.get("sweep.id", parent.info.run_name or parent.info.run_id),
+        metric=p.get("sweep.metric", "robust_acc"),
+        mode=p.get("sweep.mode", "max"),
+        swept=swept,
+        attack=_attack(p),
+        rows=rows,
+    )
+    _annotate(report)
+    return report
+
+
+def _attack(p: dict) -> str:
+    norm, eps = p.get("training.attack.norm"), p.get("training.attack.epsilon")
+    steps = p.get("evaluation.pgd_steps", "?")
+    if norm is None or eps is None:
+        return f"PGD-{steps}"
+    e = float(eps)
+    return f"PGD-{steps} {norm} " + (f"{e * 255:.3g}/255" if norm == "linf" else f"{e:.3g}")
+
+
+def _row(client, run, swept: list[str]) -> TrialRow:
+    p, m, t = run.data.params, run.data.metrics, run.data.tags
+    eps_rule = p.get("pruning.eps_rule")
+    values = {}
+    for key in swept:
+        v = p.get(key)
+        if key in _EPS_KEYS and eps_rule == "none":
+            v = None  # an epsilon parameter of a trial that keeps every epsilon
+        values[key] = "—" if v is None else v
+    ratio = p.get("pruning.ratio")
+    epochs = m.get("epoch")
+    try:
+        history = client.get_metric_history(run.info.run_id, "test_robust_acc")
+    except Exception:
+        history = []
+    curve = sorted((int(h.step), float(h.value)) for h in history)
+    return TrialRow(
+        trial=t.get("puma_ray.trial") or p.get("trial") or run.info.run_name or run.info.run_id,
+        run_id=run.info.run_id,
+        status=_status(run),
+        label=t.get("puma_ray.label", ""),
+        values=values,
+        ratio=float(ratio) if ratio is not None else None,
+        baseline=t.get("puma_ray.unpruned", p.get("sweep.unpruned", "")).lower() == "true",
+        added_baseline=t.get("puma_ray.baseline", "").lower() == "true",
+        clean_acc=_float(m, "clean_acc"),
+        robust_acc=_float(m, "robust_acc"),
+        pgd_acc=_float(m, "pgd_acc"),
+        device_seconds=_float(m, "device_seconds"),
+        kept_rows=int(m["kept_rows"]) if "kept_rows" in m else None,
+        kept_fraction=_float(m, "kept_fraction"),
+        epochs=int(epochs) if epochs is not None else None,
+        curve=curve,
+    )
+
+
+def _pareto(rows: list[TrialRow]) -> None:
+    """Mark the trials no other finished trial dominates on (clean, robust), both maximised."""
+    done = [r for r in rows if r.finished and r.robust_acc is not None]
+    for r in done:
+        r.pareto = not any(
+            o.clean_acc >= r.clean_acc
+            and o.robust_acc >= r.robust_acc
+            and (o.clean_acc > r.clean_acc or o.robust_acc > r.robust_acc)
+            for o in done
+        )
+
+
+def _annotate(report: SweepReport) -> None:
+    rows = report.rows
+    _pareto(rows)
+    base = report.baseline_device_s
+    for r in rows:
+        if base and r.device_seconds is not None:
+            r.vs_baseline = r.device_seconds / base
+
+    def key(r: TrialRow):
+        v = getattr(r, report.metric)
+        rank = -v if (v is not None and report.mode == "max") else (v if v is not None else 0)
+        return (not r.finished, rank, r.trial)
+
+    rows.sort(key=key)
+    if base is None:
+        report.notes.append(
+            "no unpruned baseline in this sweep (sweep.baseline: false and no grid point with "
+            "ratio 0 and unchanged epsilon), so compute is not compared with one"
+        )
+    stopped = [r.trial for r in rows if r.status == "stopped early"]
+    if stopped:
+        report.notes.append(
+            f"{len(stopped)} trial(s) stopped early by ASHA (no final evaluation): "
+            + ", ".join(stopped)
+        )
+    other = [r.trial for r in rows if r.status not in ("finished", "stopped early")]
+    if other:
+        report.notes.append(
+            "not finished (rerun `puma-ray sweep` with the same config to restore): "
+            + ", ".join(f"{r.trial} {r.status}" for r in rows if r.trial in other)
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots (matplotlib, Agg: no display needed).
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _tag(r: TrialRow) -> str:
+    if r.added_baseline:
+        return "unpruned"
+    parts = [f"{_short(k)} {v}" for k, v in r.values.items() if v != "—"]
+    return ", ".join(parts) or r.trial
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
+
+
+def _save(fig, path: str) -> None:
+    fig.savefig(path, format="png", dpi=100)
+    _plt().close(fig)
+
+
+def _plot_all(report: SweepReport, out: str) -> None:
+    _plot_pareto(report, os.path.join(out, "pareto.png"))
+    _plot_ratio(report, os.path.join(out, "robust_vs_ratio.png"))
+    _plot_compute(report, os.path.join(out, "compute.png"))
+    _plot_curves(report, os.path.join(out, "curves.png"))
+
+
+def _plot_pareto(report: SweepReport, path: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    done = [r for r in report.rows if r.finished]
+    if not done:
+        _empty(ax, "no finished trials yet")
+    rest = [r for r in done if not r.pareto]
+    ax.scatter(
+        [r.clean_acc for r in rest], [r.robust_acc for r in rest], color="tab:gray", label="trial"
+    )
+    front = sorted((r for r in done if r.pareto), key=lambda r: r.clean_acc)
+    if front:
+        ax.plot(
+            [r.clean_acc for r in front],
+            [r.robust_acc for r in front],
+            "-o",
+            color="tab:red",
+            label="Pareto front",
+        )
+    for r in done:
+        if r.baseline:
+            ax.scatter(
+                r.clean_acc,
+                r.robust_acc,
+                marker="*",
+                s=220,
+                color="black",
+                zorder=5,
+                label="unpruned baseline",
+            )
+        ax.annotate(
+            _tag(r),
+            (r.clean_acc, r.robust_acc),
+            xytext=(4, 4),
+            textcoords="offset points",
+            fontsize=7,
+        )
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles, strict=True))
+    if uniq:
+        ax.legend(uniq.values(), uniq.keys(), fontsize=8, loc="lower right")
+    ax.set_xlabel("clean accuracy")
+    ax.set_ylabel(f"robust accuracy ({report.attack})")
+    ax.set_title(f"Clean vs robust accuracy per trial — {report.sweep}", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _plot_ratio(report: SweepReport, path: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    # one line per setting of every swept key but the ratio and the seeds (replicates)
+    group_keys = [k for k in report.swept if k != "pruning.ratio" and not k.endswith(".seed")]
+    groups: dict[str, dict[float, list[float]]] = {}
+    for r in report.rows:
+        if not r.finished or r.added_baseline or r.ratio is None:
+            continue
+        name = ", ".join(f"{_short(k)}={r.values.get(k, '—')}" for k in group_keys) or "trials"
+        groups.setdefault(name, {}).setdefault(r.ratio, []).append(r.robust_acc)
+    for name, by_ratio in sorted(groups.items()):
+        xs = sorted(by_ratio)
+        ys = [sum(by_ratio[x]) / len(by_ratio[x]) for x in xs]
+        lo = [y - min(by_ratio[x]) for x, y in zip(xs, ys, strict=True)]
+        hi = [max(by_ratio[x]) - y for x, y in zip(xs, ys, strict=True)]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=name)
+    base = [r.robust_acc for r in report.rows if r.baseline and r.finished]
+    if base:
+        ax.axhline(sum(base) / len(base), color="black", ls="--", lw=1, label="unpruned baseline")
+    if not groups and not base:
+        _empty(ax, "no finished trials yet")
+    if groups or base:
+        ax.legend(fontsize=8, title=None)
+    ax.set_xlabel("prune ratio (fraction of in-scope samples dropped)")
+    ax.set_ylabel(f"robust accuracy ({report.attack})")
+    ax.set_title("Robust accuracy vs prune ratio", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _plot_compute(report: SweepReport, path: str) -> None:
+    plt = _plt()
+    rows = [r for r in report.rows if r.device_seconds is not None]
+    rows.sort(key=lambda r: r.device_seconds)
+    fig, ax = plt.subplots(figsize=(6.4, 1.6 + 0.32 * max(1, len(rows))))
+    colors = ["black" if r.baseline else ("tab:red" if r.pareto else "tab:blue") for r in rows]
+    bars = ax.barh(
+        [f"{r.trial} ({_tag(r)})" for r in rows],
+        [r.device_seconds for r in rows],
+        color=colors,
+        hatch=None,
+    )
+    for bar, r in zip(bars, rows, strict=True):
+        if r.status == "stopped early":
+            bar.set_hatch("//")
+            bar.set_alpha(0.6)
+        if r.vs_baseline is not None:
+            ax.annotate(
+                f"{100 * r.vs_baseline:.0f}%",
+                (bar.get_width(), bar.get_y() + bar.get_height() / 2),
+                xytext=(3, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=7,
+            )
+    base = report.baseline_device_s
+    title = "Training compute per trial (device-seconds, all workers)"
+    if base is not None:
+        ax.axvline(base, color="black", ls="--", lw=1)
+        title += "\n% = share of the unpruned baseline (black); red = Pareto front"
+    else:
+        title += "\n(no unpruned baseline in this sweep)"
+    if not rows:
+        _empty(ax, "no trial has reported training compute yet")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_xlabel("device-seconds")
+    ax.set_title(title, fontsize=9)
+    ax.margins(x=0.15)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _plot_curves(report: SweepReport, path: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    drawn = 0
+    for r in sorted(report.rows, key=lambda r: r.trial):
+        if not r.curve:
+            continue
+        xs, ys = zip(*r.curve, strict=True)
+        style = "--" if r.baseline else "-"
+        ax.plot(xs, ys, style, marker="o", ms=3, label=f"{r.trial} ({_tag(r)})")
+        drawn += 1
+    if not drawn:
+        _empty(ax, "no per-epoch results yet")
+    else:
+        ax.legend(fontsize=7, ncol=2 if drawn > 6 else 1)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("robust accuracy, per-epoch test subset")
+    ax.set_title("Per-epoch robust accuracy (what ASHA compares)", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)

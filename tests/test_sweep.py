@@ -1,0 +1,376 @@
+"""Sweeps on a real local Ray and a real MLflow sqlite store: a 2x2 grid of prune -> Ray Train ->
+evaluate trials (each a Tune function driving its own TorchTrainer), what MLflow holds
+afterwards, the report (at the end of the sweep, and from `puma-ray report` without Ray), a
+restored sweep that reruns only the trial that did not finish, and search spaces refused
+before Ray starts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from puma_ray.config import load_config
+from puma_ray.errors import ConfigError
+from puma_ray.sweep import SweepError, plan_sweep, prepare_inputs, run_sweep, trial_values
+
+BASE = [
+    "data.sources=[{type: builtin, real_train: 64, real_test: 64, synthetic: 192}]",
+    "data.rows_per_shard=128",
+    "training.epochs=1",
+    "training.batch_size=32",
+    "training.attack.steps=1",
+    "margin_model.train.epochs=1",
+    "margin_model.train.batch_size=32",
+    "margin_model.train.attack.steps=1",
+    "scoring.max_iter=5",
+    "scoring.batch_size=64",
+    "scoring.pool_max=1",
+    "evaluation.subset=32",
+    "evaluation.pgd_steps=2",
+    "evaluation.batch_size=32",
+    "ray.num_workers=1",
+    "ray.cpus_per_worker=1",
+    "sweep.trial_cpus=0.5",
+    "tracking.experiment=sweep-test",
+]
+GRID = "sweep.space={pruning.ratio: {grid: [0.0, 0.5]}, pruning.eps_scale: {grid: [0.5, 1.0]}}"
+PNG = b"\x89PNG\r\n\x1a\n"
+PLOTS = ("pareto.png", "robust_vs_ratio.png", "compute.png", "curves.png")
+
+
+def _cfg(*sets):
+    return load_config(None, BASE + list(sets))
+
+
+def _quiet(_msg):
+    pass
+
+
+def _uri(run_dir) -> str:
+    return f"sqlite:///{run_dir}/mlflow.db"
+
+
+def _check_png(path):
+    import matplotlib.image
+
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG, path
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, path
+
+
+# --------------------------------------------------------------------------------------------
+# Before Ray: the plan and the errors.
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("sweep.space={pruning.lr: {grid: [1]}}", "sweep.space: unknown search key 'pruning.lr'"),
+        (
+            "sweep.space={pruning.ratio: {grid: [0.3, 1.0]}}",
+            "sweep.space: pruning.ratio: must be in [0, 1) (got 1.0)",
+        ),
+        (
+            "sweep.space={pruning.ratio: {uniform: [-0.1, 0.5]}}",
+            "sweep.space: pruning.ratio: must be in [0, 1) (got -0.1)",
+        ),
+        (
+            "sweep.space={pruning.eps_scale: {choice: [0.5, 0]}}",
+            "sweep.space: pruning.eps_scale: must be > 0 (got 0",
+        ),
+        ("sweep.space={pruning.ratio: {grid: []}}", "sweep.space.pruning.ratio: grid is empty"),
+        ("sweep.space={training.seed: {uniform: [0, 3]}}", "training.seed: use grid or choice"),
+    ],
+)
+def test_bad_search_space_is_one_line_naming_the_key(override, expected):
+    with pytest.raises(ConfigError) as info:
+        _cfg(override)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_search_space_refused_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    from puma_ray.cli import main
+
+    before = ray.is_initialized()
+    run_dir = tmp_path / "run"
+    rc = main(
+        ["sweep", "--set", "sweep.space={pruning.ratio: {grid: [0.3, 1.0]}}"]
+        + [
+            "--run-dir",
+            str(run_dir),
+        ]
+    )
+    assert rc == 2
+    assert "sweep.space: pruning.ratio: must be in [0, 1) (got 1.0)" in capsys.readouterr().err
+    # combinations run_sweep checks itself, also before Ray
+    with pytest.raises(ConfigError, match=r"^sweep\.asha: needs ray\.num_workers >= 1"):
+        run_sweep(_cfg("sweep.asha=true", "ray.num_workers=0"), str(run_dir), log=_quiet)
+    cap = ["scoring.norm=l2", "training.attack.norm=linf"]
+    margin_cap = "sweep.space={pruning.eps_rule: {grid: [scale_lowest, margin_cap]}}"
+    with pytest.raises(ConfigError, match=r"eps_rule=margin_cap: pruning.eps_rule=margin_cap"):
+        run_sweep(_cfg(margin_cap, *cap), str(run_dir), log=_quiet)
+    assert ray.is_initialized() == before
+    assert not run_dir.exists()
+
+
+def test_plan_adds_the_unpruned_baseline_only_when_missing():
+    plan = plan_sweep(_cfg(GRID))  # (ratio 0, eps_scale 1) prunes nothing and keeps every eps
+    assert plan.trials == 4 and plan.baseline_in_grid and not plan.baseline_added
+    plan = plan_sweep(_cfg("sweep.space={pruning.ratio: {grid: [0.3, 0.6]}}"))
+    assert plan.trials == 3 and plan.points[-1] == {"baseline": True}
+    # a sampled eps_scale can change what the ratio-0 point does: not a reference
+    sampled = (
+        "sweep.space={pruning.ratio: {grid: [0.0, 0.5]}, pruning.eps_scale: {uniform: [0.2, 1]}}"
+    )
+    plan = plan_sweep(_cfg(sampled, "sweep.num_samples=2"))
+    assert plan.baseline_added and plan.trials == 6
+    assert not plan_sweep(_cfg(sampled, "sweep.baseline=false")).baseline_added
+    # the added baseline keeps sampled seeds (replicates), nothing that prunes
+    values, baseline = trial_values(
+        {"point": {"baseline": True}, "sampled": {"pruning.eps_scale": 0.4, "training.seed": 3}},
+        ["pruning.ratio", "pruning.eps_scale", "training.seed"],
+    )
+    assert baseline and values["pruning.ratio"] == 0.0 and values["training.seed"] == 3
+    assert "pruning.eps_scale" not in values and values["pruning.eps_rule"] == "none"
+
+
+# --------------------------------------------------------------------------------------------
+# On Ray.
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, ray_local):
+    """Ingested data, a margin model and its scores: computed once, shared by every sweep."""
+    run_dir = str(tmp_path_factory.mktemp("sweep_inputs"))
+    cfg = _cfg(GRID)
+    prepare_inputs(cfg, plan_sweep(cfg), run_dir, _quiet)
+    return run_dir
+
+
+def _fresh_run_dir(inputs, path) -> str:
+    """A run directory sharing the module's inputs (symlinks), with its own MLflow store."""
+    path.mkdir()
+    for sub in ("data", "margin_model", "scores"):
+        os.symlink(os.path.join(inputs, sub), path / sub)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(inputs, tmp_path_factory):
+    run_dir = _fresh_run_dir(inputs, tmp_path_factory.mktemp("grid") / "run")
+    cfg = _cfg(GRID, "sweep.max_concurrent_trials=2")
+    result = run_sweep(cfg, run_dir, log=_quiet)
+    return run_dir, result
+
+
+def test_trial_resources_must_fit(ray_local, tmp_path):
+    from puma_ray.sweep import _fit_concurrency
+
+    logs = []
+    assert _fit_concurrency(_cfg("sweep.max_concurrent_trials=5"), logs.append) == 2
+    assert "a trial needs 1.5 CPUs" in logs[0] and "running 2 trial(s) at a time" in logs[0]
+    with pytest.raises(SweepError, match=r"a trial needs 3.5 CPUs .* Ray has 4 CPUs"):
+        run_sweep(_cfg("ray.cpus_per_worker=3"), str(tmp_path / "run"), log=_quiet)
+    assert not (tmp_path / "run" / "sweep").exists()
+
+
+def test_grid_sweep_completes(grid_sweep):
+    run_dir, result = grid_sweep
+    assert result.complete and not result.restored
+    assert sorted(result.trials.values()) == ["finished"] * 4
+    for trial in result.trials:
+        tdir = os.path.join(result.sweep_dir, trial)
+        res = json.load(open(os.path.join(tdir, "result.json")))
+        manifest = json.load(open(os.path.join(tdir, "kept", "manifest.json")))
+        assert manifest["parameters"]["pruning"]["ratio"] == res["values"]["pruning.ratio"]
+        assert manifest["counts"]["kept"] == res["metrics"]["kept_rows"]
+        m = res["metrics"]
+        assert 0 <= m["robust_acc"] <= m["clean_acc"] <= 1 and m["device_seconds"] > 0
+        # each trial ran its own Ray Train run, named after the trial
+        assert os.path.isdir(os.path.join(result.sweep_dir, "ray_train", trial))
+    rows = {
+        (r.values["pruning.ratio"], r.values["pruning.eps_scale"]): r for r in result.report.rows
+    }
+    assert set(rows) == {("0.0", "0.5"), ("0.0", "1.0"), ("0.5", "0.5"), ("0.5", "1.0")}
+    base = rows[("0.0", "1.0")]
+    assert base.baseline and base.vs_baseline == pytest.approx(1.0)
+    assert sum(r.baseline for r in rows.values()) == 1
+    assert rows[("0.5", "0.5")].kept_rows < base.kept_rows
+    assert any(r.pareto for r in rows.values())
+    for name in ("results.md", "results.csv"):
+        assert os.path.exists(os.path.join(result.report_dir, name))
+    for name in PLOTS:
+        _check_png(os.path.join(result.report_dir, "plots", name))
+
+
+def test_mlflow_holds_one_parent_and_a_child_per_trial(grid_sweep, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from puma_ray.data import dataset_dirs, open_dataset
+
+    run_dir, result = grid_sweep
+    client = MlflowClient(tracking_uri=_uri(run_dir))
+    exp = client.get_experiment_by_name("sweep-test")
+    assert exp.artifact_location == "file://" + os.path.join(run_dir, "mlartifacts")
+    everything = client.search_runs([exp.experiment_id])
+    parents = [r for r in everything if r.data.tags.get("puma_ray.stage") == "sweep"]
+    assert len(parents) == 1 and len(everything) == 5  # and nothing else (no eval runs)
+    parent = parents[0]
+    assert parent.info.run_id == result.parent_run_id and parent.info.status == "FINISHED"
+    p, tags = parent.data.params, parent.data.tags
+    assert json.loads(p["sweep.space"]) == {
+        "pruning.ratio": {"grid": [0.0, 0.5]},
+        "pruning.eps_scale": {"grid": [0.5, 1.0]},
+    }
+    assert p["sweep.swept"] == "pruning.ratio,pruning.eps_scale" and p["sweep.trials"] == "4"
+    assert p["sweep.baseline"] == "in grid" and p["training.epochs"] == "1"
+    data_fp = open_dataset(dataset_dirs(run_dir)[0]).info.fingerprint
+    assert tags["puma_ray.data_fingerprint"] == data_fp
+    assert "puma_ray.scores_fingerprint" in tags
+    from puma_ray.tracking import git_revision
+
+    assert tags.get("mlflow.source.git.commit") == git_revision()
+    assert parent.data.metrics["trials_finished"] == 4
+
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert len(children) == 4
+    combos = set()
+    for c in children:
+        cp, cm, ct = c.data.params, c.data.metrics, c.data.tags
+        assert c.info.status == "FINISHED" and ct["puma_ray.trial_status"] == "finished"
+        combos.add((float(cp["pruning.ratio"]), float(cp["pruning.eps_scale"])))
+        assert cp["trial"] == ct["puma_ray.trial"] and c.info.run_name.startswith(cp["trial"])
+        assert cp["pruning.strategy"] == "puma" and cp["training.epochs"] == "1"
+        assert cp["model.arch"] == "small_cnn" and cp["dataset"] == "kept"
+        for key in ("clean_acc", "robust_acc", "pgd_acc", "device_seconds", "kept_rows"):
+            assert key in cm, key
+        assert 0 <= cm["robust_acc"] <= cm["clean_acc"] <= 1 and cm["device_seconds"] > 0
+        history = client.get_metric_history(c.info.run_id, "test_robust_acc")
+        assert [h.step for h in history] == [1]  # per-epoch, from the Train loop's rank 0
+        kept = {a.path for a in client.list_artifacts(c.info.run_id, "kept")}
+        assert kept == {"kept/manifest.json", "kept/margin_hist.png"}
+        local = client.download_artifacts(c.info.run_id, "kept", str(tmp_path / c.info.run_id))
+        manifest = json.load(open(os.path.join(local, "manifest.json")))
+        assert manifest["counts"]["kept"] == cm["kept_rows"]
+        _check_png(os.path.join(local, "margin_hist.png"))
+    assert combos == {(0.0, 0.5), (0.0, 1.0), (0.5, 0.5), (0.5, 1.0)}
+
+    report = client.download_artifacts(parent.info.run_id, "report", str(tmp_path / "report"))
+    for name in PLOTS:
+        _check_png(os.path.join(report, "plots", name))
+    lines = open(os.path.join(report, "results.csv")).read().splitlines()
+    assert len(lines) == 5 and {c.info.run_id for c in children} <= {
+        line.rsplit(",", 1)[-1] for line in lines
+    }
+    assert (
+        "| trial | status | ratio | eps_scale |" in open(os.path.join(report, "results.md")).read()
+    )
+
+
+def test_report_command_reads_mlflow_without_ray(grid_sweep, tmp_path):
+    run_dir, result = grid_sweep
+    out = tmp_path / "report"
+    code = (
+        "import sys; from puma_ray.cli import main; rc = main(sys.argv[1:]); "
+        "assert 'ray' not in sys.modules, 'report imported ray'; sys.exit(rc)"
+    )
+    cmd = [sys.executable, "-c", code, "report", "sweep-test", "--tracking-uri", _uri(run_dir)]
+    proc = subprocess.run(cmd + ["--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| trial | status | ratio | eps_scale |" in proc.stdout
+    assert "best by robust_acc (max)" in proc.stdout
+    assert len([line for line in proc.stdout.splitlines() if line.startswith("| trial_")]) == 4
+    for name in PLOTS:
+        _check_png(out / "plots" / name)
+    assert (
+        open(out / "results.csv").read()
+        == open(os.path.join(result.report_dir, "results.csv")).read()
+    )
+    # a store that is not there is an error, and is not created
+    missing = tmp_path / "nope" / "mlflow.db"
+    proc = subprocess.run(
+        cmd[:3] + ["report", "--tracking-uri", f"sqlite:///{missing}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "no MLflow store" in proc.stderr
+    assert not missing.exists()
+    proc = subprocess.run(
+        cmd[:3] + ["report", "no-such-exp", "--run-dir", run_dir],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "no experiment 'no-such-exp'" in proc.stderr
+
+
+def test_restore_reruns_only_unfinished_trials(inputs, tmp_path):
+    """A trial fails once after training; the restore runs that trial alone: it resumes
+    (training skipped) and the finished baseline trial is neither rerun nor logged twice."""
+    from mlflow.tracking import MlflowClient
+
+    run_dir = _fresh_run_dir(inputs, tmp_path / "run")
+    cfg = _cfg(
+        "sweep.space={pruning.ratio: {grid: [0.5]}, pruning.eps_scale: {grid: [0.5]}}",
+        "sweep.trial_max_failures=0",
+    )
+    fail = {"values": {"pruning.ratio": 0.5}, "marker": str(tmp_path / "failed-once")}
+    first = run_sweep(cfg, run_dir, log=_quiet, debug_fail=fail)
+    assert not first.complete and sorted(first.trials.values()) == ["failed", "finished"]
+    failed = next(t for t, s in first.trials.items() if s == "failed")
+    done = next(t for t, s in first.trials.items() if s == "finished")
+    sweep_dir = first.sweep_dir
+    assert json.load(open(os.path.join(sweep_dir, done, "trial.json")))["baseline"]
+    assert os.path.exists(os.path.join(sweep_dir, failed, "train", "summary.json"))
+    assert not os.path.exists(os.path.join(sweep_dir, failed, "result.json"))
+
+    def snapshot(trial):
+        root = os.path.join(sweep_dir, "ray_train", trial)
+        files = {}
+        for d, _, names in os.walk(root):
+            for n in names:
+                files[os.path.join(d, n)] = os.stat(os.path.join(d, n)).st_mtime_ns
+        return files
+
+    done_result = open(os.path.join(sweep_dir, done, "result.json")).read()
+    done_ray = snapshot(done)
+    failed_ray = snapshot(failed)
+    assert done_ray and failed_ray
+    client = MlflowClient(tracking_uri=_uri(run_dir))
+    exp_id = client.get_experiment_by_name("sweep-test").experiment_id
+    runs = {r.info.run_id: r for r in client.search_runs([exp_id])}
+    assert len(runs) == 3
+    assert runs[first.parent_run_id].info.status == "FAILED"
+    statuses = {r.data.tags.get("puma_ray.trial_status") for r in runs.values()}
+    assert statuses == {None, "failed", "finished"}  # the parent has no trial status
+
+    second = run_sweep(cfg, run_dir, log=_quiet, debug_fail=fail)
+    assert second.restored and second.complete and second.sweep_dir == sweep_dir
+    assert second.trials == {failed: "finished", done: "finished"}
+    assert second.parent_run_id == first.parent_run_id
+    attempts = {
+        t: open(os.path.join(sweep_dir, t, "attempts.log")).read().splitlines()
+        for t in (failed, done)
+    }
+    assert len(attempts[done]) == 1 and len(attempts[failed]) == 2
+    assert open(os.path.join(sweep_dir, done, "result.json")).read() == done_result
+    assert snapshot(done) == done_ray and snapshot(failed) == failed_ray  # no Train run redone
+    res = json.load(open(os.path.join(sweep_dir, failed, "result.json")))
+    assert res["metrics"]["train_skipped"]
+    after = {r.info.run_id: r for r in client.search_runs([exp_id])}
+    assert set(after) == set(runs)  # the same 1 parent + 2 children, none duplicated
+    assert {r.info.status for r in after.values()} == {"FINISHED"}
+    assert {r.data.tags.get("puma_ray.trial_status") for r in after.values()} == {
+        None,
+        "finished",
+    }
+    assert second.report.baseline_device_s is not None
+    assert [r.trial for r in second.report.rows if r.baseline] == [done]
