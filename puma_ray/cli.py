@@ -207,7 +207,12 @@ def cmd_report(args: argparse.Namespace) -> int:
             "--run-dir DIR (its mlflow.db) or set MLFLOW_TRACKING_URI"
         )
     report = load_report(uri, experiment, parent_run_id=args.run_id)
-    out = _absolute(args.out or os.path.join("reports", f"{experiment}-{report.parent_run_id[:8]}"))
+    # default: beside a sqlite store (the run dir, which is git-ignored), else ./reports
+    from puma_ray.tracking import sqlite_path
+
+    db = sqlite_path(uri)
+    base = os.path.join(os.path.dirname(db), "reports") if db else "reports"
+    out = _absolute(args.out or os.path.join(base, f"{experiment}-{report.parent_run_id[:8]}"))
     files = report.write(out)
     _say(report.format())
     _say(f"report: {len(files)} files in {out} ({', '.join(files)})")
@@ -307,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--out",
                 help="folder for results.md/.csv and plots/ "
-                "(default: reports/<experiment>-<run id>)",
+                "(default: reports/<experiment>-<run id> beside a sqlite store, else in .)",
             )
             p.add_argument("--run-id", help="the sweep's parent run (default: the latest sweep)")
     return parser
