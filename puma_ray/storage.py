@@ -8,19 +8,50 @@ for a finished one.
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import uuid
 
 import pyarrow.fs as pafs
 
+# Object stores whose paths are `bucket/key`. Building their filesystem is not free: without a
+# `?region=` in the URI, pyarrow asks S3 for the bucket's region (a network round trip) every
+# time, and a stage resolves one URI per shard, manifest and existence check.
+_BUCKET_SCHEMES = ("s3", "gs", "gcs")
+
+
+@functools.lru_cache(maxsize=32)
+def _bucket_filesystem(scheme: str, bucket: str) -> pafs.FileSystem:
+    return pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
+
 
 def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """Return (filesystem, path inside it) for a local path or a URI (file://, s3://, gs://...)."""
+    """Return (filesystem, path inside it) for a local path or a URI (file://, s3://, gs://...).
+
+    One filesystem object per bucket and process is reused; a URI with options in a query
+    string (`s3://b/k?region=...&endpoint_override=...`) or %-escapes is left to pyarrow."""
     uri = os.fspath(uri)
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    scheme, rest = uri.split("://", 1)
+    if scheme in _BUCKET_SCHEMES and rest and not any(c in rest for c in "?#%"):
+        bucket = rest.split("/", 1)[0]
+        return _bucket_filesystem(scheme, bucket), rest.rstrip("/")
+    return pafs.FileSystem.from_uri(uri)
+
+
+def local_path(uri: str | os.PathLike) -> str | None:
+    """The absolute local path of a plain path or a `file://` URI; None for any other URI.
+
+    For code that needs the OS path of a run directory (e.g. `os.path.join` or a library that
+    takes only local paths): `os.path.abspath("file:///x")` is a relative path named `file:`."""
+    uri = os.fspath(uri)
+    if "://" not in uri:
+        return os.path.abspath(os.path.expanduser(uri))
+    if uri.startswith("file://"):
+        return resolve(uri)[1]
+    return None
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
@@ -32,6 +63,7 @@ def join(base: str | os.PathLike, *parts: str) -> str:
 
 
 def is_local(uri: str | os.PathLike) -> bool:
+    """True for a plain path or a `file://` URI (see `local_path` for its OS path)."""
     uri = os.fspath(uri)
     return "://" not in uri or uri.startswith("file://")
 

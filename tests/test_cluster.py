@@ -1,0 +1,195 @@
+"""cluster.yaml against the schema Ray ships, and the paper-scale configs against ours.
+
+No cloud account is needed: `ray up` validates a config with `ray-schema.json` (jsonschema, a
+core Ray dependency) before it talks to AWS, and these tests run the same check offline, plus
+the checks of a misspelled key that prove the validation can fail at all.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+from fractions import Fraction
+
+import jsonschema
+import pytest
+import ray.autoscaler
+import yaml
+
+from puma_ray.config import load_config
+from puma_ray.models import list_models, model_options
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLUSTER_YAML = os.path.join(ROOT, "cluster.yaml")
+CONFIGS = os.path.join(ROOT, "tune_configs")
+# The configs this file owns, plus the embedded demo.
+PAPER_CONFIGS = ("cifar10_edm1m.yaml", "cifar10_edm1m_l2.yaml", "cifar10_edm1m_sweep.yaml")
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict:
+    path = os.path.join(os.path.dirname(ray.autoscaler.__file__), "ray-schema.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture()
+def cluster() -> dict:
+    with open(CLUSTER_YAML) as f:
+        return yaml.safe_load(f)
+
+
+def test_cluster_yaml_matches_ray_schema(cluster, schema):
+    jsonschema.validate(cluster, schema)
+
+
+def test_cluster_yaml_passes_ray_up_validation(cluster):
+    # What `ray up` itself runs before launching anything: the provider's defaults merged in,
+    # then the schema plus semantic checks (head type defined, min_workers <= max_workers).
+    # Private API (the same pattern as Ray's own tests/test_autoscaler_yaml.py).
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(cluster)))
+
+
+def _rename_key(node: dict, path: list[str], new: str) -> None:
+    for p in path[:-1]:
+        node = node[p]
+    node[new] = node.pop(path[-1])
+
+
+@pytest.mark.parametrize(
+    "path, typo",
+    [
+        (["max_workers"], "max_worker"),
+        (["head_start_ray_commands"], "head_start_commands"),
+        (["available_node_types", "gpu_1x", "min_workers"], "min_worker"),
+        (["available_node_types", "gpu_8x", "resources"], "resource"),
+        (["provider", "security_group", "IpPermissions"], "IpPermission"),
+    ],
+)
+def test_misspelled_key_fails_validation(cluster, schema, path, typo):
+    broken = copy.deepcopy(cluster)
+    _rename_key(broken, path, typo)
+    with pytest.raises(jsonschema.ValidationError, match=typo):
+        jsonschema.validate(broken, schema)
+
+
+def test_head_type_must_exist(cluster):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    broken = copy.deepcopy(cluster)
+    broken["head_node_type"] = "haed"
+    with pytest.raises(ValueError, match="head_node_type"):
+        validate_config(prepare_config(broken))
+
+
+def test_cluster_yaml_security_and_auth(cluster):
+    """The properties docs/cluster.md promises: no extra public ingress, token auth on every
+    node, MLflow on the private address, the token shipped to every node."""
+    assert cluster["provider"]["security_group"]["IpPermissions"] == []
+    head_start = " ".join(cluster["head_start_ray_commands"])
+    worker_start = " ".join(cluster["worker_start_ray_commands"])
+    for start in (head_start, worker_start):
+        assert "RAY_AUTH_MODE=token" in start
+    assert '--host "$HEAD_IP"' in head_start and "mlflow server --host 0.0.0.0" not in head_start
+    assert "MLFLOW_TRACKING_URI" in cluster["head_start_ray_commands"][-1]
+    assert cluster["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    head = cluster["available_node_types"][cluster["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0 and head["resources"]["CPU"] == 0
+
+
+def test_cluster_commands_are_valid_shell(cluster):
+    keys = ("setup_commands", "head_setup_commands", "head_start_ray_commands")
+    keys += ("worker_start_ray_commands",)
+    for key in keys:
+        for cmd in cluster[key]:
+            result = subprocess.run(["bash", "-n", "-c", cmd], capture_output=True, text=True)
+            assert result.returncode == 0, f"{key}: {cmd!r}: {result.stderr}"
+
+
+# ----------------------------------------------------------------------------------------------
+# tune_configs/
+
+
+@pytest.mark.parametrize("name", ("demo.yaml", *PAPER_CONFIGS))
+def test_config_loads(name):
+    cfg = load_config(os.path.join(CONFIGS, name))
+    for model in (cfg.model, cfg.margin_model.model):
+        assert model.arch in list_models()
+        assert set(model.kwargs) <= set(model_options(model.arch))
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_recipe(name):
+    cfg = load_config(os.path.join(CONFIGS, name))
+    kinds = {s.type: s for s in cfg.data.sources}
+    assert kinds["torchvision"].name == "cifar10" and kinds["torchvision"].download is False
+    assert kinds["npz"].source == "synthetic"
+    assert cfg.model.arch == "wrn28_10"
+    for t in (cfg.training, cfg.margin_model.train):
+        assert (t.objective, t.trades_beta, t.batch_size) == ("trades", 5.0, 512)
+        assert (t.label_smoothing, t.ema_decay, t.real_fraction) == (0.1, 0.995, 0.3)
+        eps = Fraction(t.attack.epsilon).limit_denominator(255)
+        assert (t.attack.norm, eps) in (("linf", Fraction(8, 255)), ("l2", Fraction(128, 255)))
+    assert cfg.ray.use_gpu and cfg.scoring.gpus_per_actor == 1
+
+
+def _without(raw: dict, *paths: str) -> dict:
+    out = copy.deepcopy(raw)
+    for path in paths:
+        *parents, leaf = path.split(".")
+        node = out
+        for p in parents:
+            node = node[p]
+        node.pop(leaf)
+    return out
+
+
+def test_variants_differ_from_base_only_where_intended():
+    """The l2 and sweep files are copies of the base config (YAML has no include), so they
+    must not drift from it: only the name, the threat model and the sweep section differ."""
+    dump = {n: load_config(os.path.join(CONFIGS, n)).model_dump(mode="json") for n in PAPER_CONFIGS}
+    base, l2, sweep = (dump[n] for n in PAPER_CONFIGS)
+    assert _without(sweep, "name", "sweep") == _without(base, "name", "sweep")
+    threat = ("name", "tracking.experiment", "training.attack", "margin_model.train.attack")
+    assert _without(l2, *threat) == _without(base, *threat)
+    assert set(sweep["sweep"]["space"]) == {"pruning.ratio", "pruning.eps_scale"}
+
+
+def test_sweep_plan():
+    from puma_ray.sweep import plan_sweep
+
+    plan = plan_sweep(load_config(os.path.join(CONFIGS, "cifar10_edm1m_sweep.yaml")))
+    assert plan.trials == 7 and plan.baseline_added  # 3 ratios x 2 eps scales + unpruned
+
+
+def test_configs_fit_the_cluster_node_types(cluster):
+    """A Ray Train worker or scoring actor that fits no node type waits forever (the
+    autoscaler cannot help): check the configs' requests against cluster.yaml's types."""
+    types = {
+        name: t["resources"]
+        for name, t in cluster["available_node_types"].items()
+        if name != cluster["head_node_type"]
+    }
+    for name in PAPER_CONFIGS:
+        cfg = load_config(os.path.join(CONFIGS, name))
+        # DDP ranks are packed on one node: the whole group must fit on a single node type
+        fits = [
+            n
+            for n, r in types.items()
+            if r.get("GPU", 0) >= cfg.ray.num_workers
+            and r.get("CPU", 0) >= cfg.ray.num_workers * cfg.ray.cpus_per_worker
+        ]
+        assert fits == ["gpu_8x"], f"{name}: train workers fit {fits}"
+        s = cfg.scoring
+        scorer_fits = [
+            n
+            for n, r in types.items()
+            if r.get("GPU", 0) >= s.gpus_per_actor and r.get("CPU", 0) >= s.cpus_per_actor
+        ]
+        assert "gpu_1x" in scorer_fits, f"{name}: a scoring actor fits {scorer_fits}"
+        gpus_1x = types["gpu_1x"]["GPU"] * cluster["available_node_types"]["gpu_1x"]["max_workers"]
+        assert s.pool_max <= gpus_1x
