@@ -56,10 +56,13 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
 
 
 def _absolute(path: str | None) -> str | None:
-    """Local paths made absolute (Ray workers run elsewhere); URIs (s3://, gs://) as given."""
-    if not path or "://" in path:
+    """Local paths (and `file://` URIs) made absolute paths, since Ray workers run elsewhere;
+    remote URIs (s3://, gs://) as given."""
+    if not path or ("://" in path and not path.startswith("file://")):
         return path
-    return os.path.abspath(os.path.expanduser(path))
+    from puma_ray.storage import local_path
+
+    return local_path(path)
 
 
 def _run_dir(args: argparse.Namespace, cfg: PipelineConfig) -> str:

@@ -404,6 +404,10 @@ def run_score(
 
     Ray must already be initialised (`puma_ray.runtime.ensure_ray`).
     """
+    if cfg.ray.use_gpu and cfg.scoring.gpus_per_actor == 0:
+        # `ray.use_gpu` (--use-gpu) means GPUs for scoring too: one per actor unless set
+        cfg = cfg.model_copy(deep=True)
+        cfg.scoring.gpus_per_actor = 1.0
     dataset, ckpt, model_fp = _check_inputs(cfg, run_dir)
     settings = _settings(cfg)
     state = {

@@ -40,10 +40,17 @@ def tracking_uri(cfg: TrackingConfig, run_dir: str | None) -> str | None:
     return f"sqlite:///{_local_base(run_dir)}/mlflow.db"
 
 
-def artifact_location(cfg: TrackingConfig, run_dir: str | None) -> str:
+def artifact_location(cfg: TrackingConfig, run_dir: str | None) -> str | None:
+    """Where a new experiment keeps artifacts: the configured place; else, with a tracking
+    server, whatever the server decides (None); else `<run_dir>/mlartifacts`."""
     if cfg.artifact_location:
         loc = cfg.artifact_location
         return loc if "://" in loc else "file://" + os.path.abspath(loc)
+    uri = tracking_uri(cfg, run_dir) or ""
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    if run_dir is not None and not storage.is_local(run_dir):
+        return storage.join(run_dir, "mlartifacts")
     return "file://" + os.path.join(_local_base(run_dir), "mlartifacts")
 
 
