@@ -542,6 +542,9 @@ DEMO_OVERRIDES = [
     "training.attack.steps=3",
     "training.attack.step_ratio=0.5",
     "evaluation.subset=500",
+    # two 1-thread DDP workers use both cores and leave a CPU slot for Ray Data's read tasks
+    "ray.num_workers=2",
+    "ray.cpus_per_worker=0.5",
 ]
 
 
