@@ -426,13 +426,15 @@ def _plot_pareto(report: SweepReport, path: str) -> None:
             label="Pareto front",
         )
     for r in done:
-        if r.baseline:
+        if r.baseline:  # a red edge when the baseline is on the front itself
             ax.scatter(
                 r.clean_acc,
                 r.robust_acc,
                 marker="*",
-                s=220,
+                s=260,
                 color="black",
+                edgecolors="tab:red" if r.pareto else "black",
+                linewidths=1.5,
                 zorder=5,
                 label="unpruned baseline",
             )
@@ -446,7 +448,7 @@ def _plot_pareto(report: SweepReport, path: str) -> None:
     handles, labels = ax.get_legend_handles_labels()
     uniq = dict(zip(labels, handles, strict=True))
     if uniq:
-        ax.legend(uniq.values(), uniq.keys(), fontsize=8, loc="lower right")
+        ax.legend(uniq.values(), uniq.keys(), fontsize=8, loc="best")
     ax.set_xlabel("clean accuracy")
     ax.set_ylabel(f"robust accuracy ({report.attack})")
     ax.set_title(f"Clean vs robust accuracy per trial — {report.sweep}", fontsize=10)
@@ -544,6 +546,9 @@ def _plot_curves(report: SweepReport, path: str) -> None:
         _empty(ax, "no per-epoch results yet")
     else:
         ax.legend(fontsize=7, ncol=2 if drawn > 6 else 1)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("robust accuracy, per-epoch test subset")
     ax.set_title("Per-epoch robust accuracy (what ASHA compares)", fontsize=10)

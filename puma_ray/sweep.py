@@ -685,6 +685,16 @@ def _close_unfinished(cfg, trials: dict[str, str], sweep_dir: str, sweep_id: str
         )
         tags = _trial_tags(info, info["unpruned"], status, sweep_id)
         tracking.safe(tracking.set_tags, run, tags, log=log)
+        kept = _read_json(storage.join(tdir, "kept", "manifest.json"))
+        if kept is not None:  # what it trained on, so the report can still show its size
+            counts = kept["counts"]
+            sizes = {"kept_rows": counts["kept"], "kept_fraction": counts["kept"] / counts["rows"]}
+            tracking.safe(run.log_metrics, sizes, 0, log=log)
+            for fname in ("manifest.json", "margin_hist.png"):
+                path = storage.join(tdir, "kept", fname)
+                if storage.exists(path):
+                    data = storage.read_bytes(path)
+                    tracking.safe(tracking.log_bytes, run, fname, data, "kept", log=log)
         terminal = {"stopped early": "KILLED", "failed": "FAILED"}.get(status, "KILLED")
         tracking.safe(run.finish, terminal, log=log)
 
