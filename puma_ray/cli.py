@@ -176,10 +176,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    if args.smoke_test:
-        # on 2 CPUs a trial (0.5) plus a 1-CPU Train worker would leave Ray Data's reads no CPU;
-        # logical CPUs only: the worker still runs one thread
-        args.overrides = ["ray.cpus_per_worker=0.5", *args.overrides]
     cfg = _config(args)
     run_dir = _run_dir(args, cfg)
     from puma_ray.sweep import run_sweep

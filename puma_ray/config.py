@@ -335,10 +335,11 @@ class SweepConfig(Strict):
     asha_grace_epochs: PositiveInt = 1  # ASHA never stops a trial before this many epochs
     asha_reduction_factor: Annotated[float, _in_range(1, 100, lo_open=True)] = 2.0
     max_concurrent_trials: PositiveInt = 1
-    # The trial's own process: it prunes (through Ray tasks), then drives its TorchTrainer and
-    # waits. Train workers (ray.num_workers x ray.cpus_per_worker) and the evaluation task
-    # (ray.cpus_per_worker) are requested on top of it while the trial runs.
-    trial_cpus: PositiveFloat = 0.5
+    # CPUs held by the trial's own process for the whole trial. It only orchestrates (prune and
+    # evaluation run as Ray tasks, training in its Train workers: ray.num_workers x
+    # ray.cpus_per_worker), like Ray Train's own controller, so 0 by default; with in-process
+    # training (ray.num_workers: 0) the trial holds ray.cpus_per_worker instead.
+    trial_cpus: NonNegFloat = 0.0
     trial_max_failures: NonNegInt = 1  # Tune retries of a failed trial (training resumes)
     # add one unpruned trial (every sample at the full epsilon) unless the space has one
     baseline: bool = True

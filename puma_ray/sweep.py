@@ -21,12 +21,15 @@ Layout under the run directory (ingest, margin model and scores are shared with 
     report/                         results.csv, results.md, plots/*.png (also on MLflow)
 
 Resources per trial (all logical Ray resources, so the same config scales from a laptop to a
-cluster): the trial process holds `sweep.trial_cpus` (it only orchestrates); its Train workers
-add `ray.num_workers x ray.cpus_per_worker` (+1 GPU each with `ray.use_gpu`) while training; the
-evaluation task after training takes `ray.cpus_per_worker`. Ray Data's read tasks inside
-training ask for one more CPU each, so one CPU stays free. `sweep.max_concurrent_trials` is
-capped to what fits a local instance; on a cluster (`--address` / RAY_ADDRESS) it is left as
-given, because an autoscaler adds nodes for trials that wait.
+cluster): the trial process only orchestrates, like Ray Train's own controller, so it holds
+`sweep.trial_cpus` (default 0: a token of memory, as Tune needs a bundle to place it); its Train
+workers add `ray.num_workers x ray.cpus_per_worker` (+1 GPU each with `ray.use_gpu`) while
+training; the evaluation task after training takes `ray.cpus_per_worker`. With in-process
+training (`ray.num_workers: 0`) the trial itself trains and holds `ray.cpus_per_worker`.
+Ray Data's read tasks inside training ask for one more CPU each, so one CPU stays free.
+`sweep.max_concurrent_trials` is capped to what fits a local instance; on a cluster
+(`--address` / RAY_ADDRESS) it is left as given, because an autoscaler adds nodes for trials
+that wait.
 """
 
 from __future__ import annotations
@@ -230,8 +233,8 @@ def _trial_name(trial) -> str:
 
 def _outside_trial(fn, num_cpus: float):
     """`fn` as a Ray task scheduled outside the calling trial's placement group. Tune makes a
-    trial's child tasks inherit its bundle (`sweep.trial_cpus`), where a task asking for more
-    would wait forever; Ray Data does the same for its own tasks (ray/data/_internal/remote_fn)."""
+    trial's child tasks inherit its bundle (`sweep.trial_cpus`, default 0), where a task that
+    needs CPUs waits forever. Ray Data escapes the same way (ray/data/_internal/remote_fn)."""
     import ray
 
     return ray.remote(fn).options(num_cpus=num_cpus, scheduling_strategy="DEFAULT", max_retries=1)
@@ -469,6 +472,14 @@ class SweepResult:
         return "\n".join(lines)
 
 
+def trial_resources(cfg: PipelineConfig) -> dict[str, float]:
+    """What Tune reserves for a trial's own process (Train workers and tasks come on top)."""
+    s, r = cfg.sweep, cfg.ray
+    cpus = s.trial_cpus if r.num_workers > 0 else max(s.trial_cpus, r.cpus_per_worker)
+    # Tune refuses an empty bundle ("empty head"): a token of memory places an orchestrator
+    return {"CPU": cpus} if cpus > 0 else {"CPU": 0, "memory": 2**20}
+
+
 def _fit_concurrency(cfg: PipelineConfig, log) -> int:
     """How many trials run at once: `sweep.max_concurrent_trials`, capped on a local instance
     to what fits next to the CPU kept for Ray Data; refused when not even one trial fits."""
@@ -477,13 +488,14 @@ def _fit_concurrency(cfg: PipelineConfig, log) -> int:
     s, r = cfg.sweep, cfg.ray
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
-    need = s.trial_cpus + max(1, r.num_workers) * r.cpus_per_worker
+    hold = trial_resources(cfg)["CPU"]
+    need = hold + max(1, r.num_workers) * r.cpus_per_worker
     fits = math.floor((cpus - DATA_CPUS) / need + 1e-9)
     if r.use_gpu:
         fits = min(fits, math.floor(gpus / max(1, r.num_workers) + 1e-9))
     joined = bool(r.address or os.environ.get("RAY_ADDRESS"))
     layout = (
-        f"a trial needs {need:g} CPUs (sweep.trial_cpus {s.trial_cpus:g} + "
+        f"a trial needs {need:g} CPUs (its own process {hold:g} + "
         f"{max(1, r.num_workers)} x ray.cpus_per_worker {r.cpus_per_worker:g})"
         f"{f' and {max(1, r.num_workers)} GPUs' if r.use_gpu else ''}, plus "
         f"{DATA_CPUS:g} CPU kept free for Ray Data reads; Ray has {cpus:g} CPUs"
@@ -780,9 +792,7 @@ def run_sweep(
         "parent_run_id": parent.run_id if parent else None,
         "debug_fail": debug_fail,
     }
-    trainable = tune.with_resources(
-        tune.with_parameters(_trial_fn, ctx=ctx), {"CPU": cfg.sweep.trial_cpus}
-    )
+    trainable = tune.with_resources(tune.with_parameters(_trial_fn, ctx=ctx), trial_resources(cfg))
     if restore:
         done = _count_results(sweep_dir)
         log(

@@ -17,7 +17,8 @@ from puma_ray.errors import ConfigError
 from puma_ray.sweep import SweepError, plan_sweep, prepare_inputs, run_sweep, trial_values
 
 BASE = [
-    "data.sources=[{type: builtin, real_train: 64, real_test: 64, synthetic: 192}]",
+    # one source: one Ray Data stream per epoch (mixed sources stream real and synthetic apart)
+    "data.sources=[{type: builtin, real_train: 0, real_test: 64, synthetic: 256}]",
     "data.rows_per_shard=128",
     "training.epochs=1",
     "training.batch_size=32",
@@ -33,7 +34,6 @@ BASE = [
     "evaluation.batch_size=32",
     "ray.num_workers=1",
     "ray.cpus_per_worker=1",
-    "sweep.trial_cpus=0.5",
     "tracking.experiment=sweep-test",
 ]
 GRID = "sweep.space={pruning.ratio: {grid: [0.0, 0.5]}, pruning.eps_scale: {grid: [0.5, 1.0]}}"
@@ -148,7 +148,9 @@ def test_plan_adds_the_unpruned_baseline_only_when_missing():
 def inputs(tmp_path_factory, ray_local):
     """Ingested data, a margin model and its scores: computed once, shared by every sweep."""
     run_dir = str(tmp_path_factory.mktemp("sweep_inputs"))
-    cfg = _cfg(GRID)
+    # the margin model trains in-process (its fingerprint leaves the worker count out, so the
+    # sweeps find it up to date); the trials of the grid sweep use a Ray Train worker
+    cfg = _cfg(GRID, "ray.num_workers=0")
     prepare_inputs(cfg, plan_sweep(cfg), run_dir, _quiet)
     return run_dir
 
@@ -170,13 +172,19 @@ def grid_sweep(inputs, tmp_path_factory):
 
 
 def test_trial_resources_must_fit(ray_local, tmp_path):
-    from puma_ray.sweep import _fit_concurrency
+    from puma_ray.sweep import _fit_concurrency, trial_resources
 
     logs = []
-    assert _fit_concurrency(_cfg("sweep.max_concurrent_trials=5"), logs.append) == 2
-    assert "a trial needs 1.5 CPUs" in logs[0] and "running 2 trial(s) at a time" in logs[0]
+    # the trial process holds nothing (it orchestrates); 1 of the 4 CPUs stays for Ray Data
+    assert trial_resources(_cfg()) == {"CPU": 0, "memory": 2**20}
+    assert _fit_concurrency(_cfg("sweep.max_concurrent_trials=5"), logs.append) == 3
+    assert "a trial needs 1 CPUs" in logs[0] and "running 3 trial(s) at a time" in logs[0]
+    # in-process training happens in the trial process, which then holds the worker's CPUs
+    assert trial_resources(_cfg("ray.num_workers=0")) == {"CPU": 1.0}
+    held = _cfg("sweep.trial_cpus=0.5", "sweep.max_concurrent_trials=5")
+    assert _fit_concurrency(held, logs.append) == 2
     with pytest.raises(SweepError, match=r"a trial needs 3.5 CPUs .* Ray has 4 CPUs"):
-        run_sweep(_cfg("ray.cpus_per_worker=3"), str(tmp_path / "run"), log=_quiet)
+        run_sweep(_cfg("ray.cpus_per_worker=3.5"), str(tmp_path / "run"), log=_quiet)
     assert not (tmp_path / "run" / "sweep").exists()
 
 
@@ -316,7 +324,8 @@ def test_report_command_reads_mlflow_without_ray(grid_sweep, tmp_path):
 
 def test_restore_reruns_only_unfinished_trials(inputs, tmp_path):
     """A trial fails once after training; the restore runs that trial alone: it resumes
-    (training skipped) and the finished baseline trial is neither rerun nor logged twice."""
+    (training skipped) and the finished baseline trial is neither rerun nor logged twice.
+    Training runs in the trial process here (the grid sweep covers the TorchTrainer path)."""
     from mlflow.tracking import MlflowClient
 
     run_dir = _fresh_run_dir(inputs, tmp_path / "run")
@@ -324,6 +333,8 @@ def test_restore_reruns_only_unfinished_trials(inputs, tmp_path):
         "sweep.space={pruning.ratio: {grid: [0.5]}, pruning.eps_scale: {grid: [0.5]}}",
         "sweep.trial_max_failures=0",
         "sweep.max_concurrent_trials=2",
+        "ray.num_workers=0",
+        "ray.cpus_per_worker=0.5",
     )
     fail = {"values": {"pruning.ratio": 0.5}, "marker": str(tmp_path / "failed-once")}
     first = run_sweep(cfg, run_dir, log=_quiet, debug_fail=fail)
@@ -335,8 +346,8 @@ def test_restore_reruns_only_unfinished_trials(inputs, tmp_path):
     assert os.path.exists(os.path.join(sweep_dir, failed, "train", "summary.json"))
     assert not os.path.exists(os.path.join(sweep_dir, failed, "result.json"))
 
-    def snapshot(trial):
-        root = os.path.join(sweep_dir, "ray_train", trial)
+    def snapshot(trial):  # the trial's training checkpoints (in-process: beside its model)
+        root = os.path.join(sweep_dir, trial, "train")
         files = {}
         for d, _, names in os.walk(root):
             for n in names:
