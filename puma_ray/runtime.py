@@ -10,11 +10,27 @@ from puma_ray.config import RayConfig
 
 
 def ensure_ray(ray_cfg: RayConfig) -> None:
-    """Initialise Ray once per process. Idempotent, so stages can be chained in one driver."""
+    """Initialise Ray once per process (idempotent, so stages can be chained in one driver),
+    and set the Ray Data options the stages rely on, also when the caller started Ray."""
     import ray
 
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        _init(ray_cfg)
+    ctx = ray.data.DataContext.get_current()
+    # Ray Data's bars help at a terminal; in job logs (not a TTY) the stages print rate lines.
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    # Hash shuffles default to 200 partitions, which dominates run time on small machines.
+    ctx.default_hash_shuffle_parallelism = max(4, int(ray.cluster_resources().get("CPU", 4)))
+    # Parquet's V2 reader starts a pool of footer-reading actors (32 by default) for every
+    # execution, i.e. every training epoch of every stream: 1-6 s per pass on 2 CPUs against
+    # 0.2 s for V1 (docs/benchmarks.md). Our stages pass explicit file lists, so V1 loses
+    # nothing. The setting is read when a dataset is created, in this process.
+    ctx.use_datasource_v2 = False
+
+
+def _init(ray_cfg: RayConfig) -> None:
+    import ray
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -28,8 +44,3 @@ def ensure_ray(ray_cfg: RayConfig) -> None:
             object_store_memory=ray_cfg.object_store_memory,
             log_to_driver=True,
         )
-    ctx = ray.data.DataContext.get_current()
-    # Ray Data's bars help at a terminal; in job logs (not a TTY) the stages print rate lines.
-    ctx.enable_progress_bars = sys.stderr.isatty()
-    # Hash shuffles default to 200 partitions, which dominates run time on small machines.
-    ctx.default_hash_shuffle_parallelism = max(4, int(ray.cluster_resources().get("CPU", 4)))
