@@ -168,10 +168,15 @@ class TrainingConfig(Strict):
     nesterov: bool = True
     weight_decay: NonNegFloat = 5e-4  # not applied to BatchNorm or bias parameters
     warmup_epochs: NonNegFloat = 1.0
+    # ramp every sample's training eps linearly from ~0 over this many epochs (0: off); PGD-AT
+    # from scratch at the full radius can stall at chance on hard data
+    eps_warmup_epochs: NonNegFloat = 0.0
     schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
     label_smoothing: Fraction01 = 0.1
     ema_decay: Annotated[float, _in_range(0, 1, hi_open=True)] = 0.0  # 0 disables EMA
-    real_fraction: Fraction01 = 0.3  # share of real samples per batch when both sources exist
+    # share of real rows in every batch when both sources exist (Wang et al.: 0.3); null lets
+    # batches follow the data's own mix (one stream over all rows)
+    real_fraction: Fraction01 | None = 0.3
     augment: bool = True  # random crop (pad 4) + horizontal flip, on whole batches
     # "kept": an epoch is as many samples as the training set has (pruning saves compute);
     # "fixed": `samples_per_epoch` samples, whatever the set's size (Wang et al.: 50000)

@@ -395,7 +395,12 @@ class _Totals:
         self.eps_sum += stats["eps_sum"]
         self.digest = (self.digest + stats["digest"]) % (1 << 64)
         if "file" in stats:
-            self.shards.append({k: stats[k] for k in ("file", "rows", "bytes")})
+            # kept rows per source: training routes each file to its real / synthetic stream
+            kept = stats["counts"][:, :, :2].sum(axis=(0, 2))
+            per_source = {s: int(kept[i]) for i, s in enumerate(SOURCES)}
+            self.shards.append(
+                {**{k: stats[k] for k in ("file", "rows", "bytes")}, "rows_per_source": per_source}
+            )
 
     def as_dict(self) -> dict:
         c = self.counts

@@ -6,9 +6,11 @@ The loop, `train_loop(config)`, is a plain function of a dict. `run_train` hands
 process when `ray.num_workers == 0` (for debugging), through the same `_Session` interface.
 
 - Data: Ray Data streams the Parquet shards; Ray Train splits them across workers with an equal
-  streaming split, so the workers see disjoint rows and never hold a full copy. Each epoch
-  re-iterates with a local shuffle buffer. Images are decoded and augmented (random crop with
-  4 pixels of padding + horizontal flip) as whole-batch tensor ops.
+  streaming split, so the workers see disjoint rows and never hold a full copy. With real and
+  synthetic rows, each source is its own stream and every batch holds `real_fraction` real rows
+  (`epoch_plan`); streams reshuffle every pass through a local shuffle buffer. Images are
+  decoded and augmented (random crop with 4 pixels of padding + horizontal flip) as whole-batch
+  tensor ops.
 - Objectives: PGD-AT (Madry et al. 2018, arXiv:1706.06083) and TRADES (Zhang et al. 2019,
   arXiv:1901.08573) with the per-sample eps of the kept set (`eps` column; PUMA shrinks it for
   the lowest-margin samples), or `training.attack.epsilon` for every row of an unpruned set.
@@ -17,7 +19,8 @@ process when `ray.num_workers == 0` (for debugging), through the same `_Session`
 - Optimiser: SGD-Nesterov, weight decay only on conv/linear weights (not BatchNorm or biases),
   linear warm-up then cosine (or one-cycle / constant) stepped per batch; label smoothing; an
   optional EMA of the weights with the usual warm-up decay min(d, (1+t)/(10+t)).
-- Epoch length follows the dataset (kept-set) size, so pruning saves compute.
+- Epoch length follows the dataset (kept-set) size, so pruning saves compute, or is a fixed
+  number of samples (`epoch_length: fixed`); `eps_warmup_epochs` ramps every sample's eps in.
 - Every epoch all ranks call `ray.train.report(metrics, checkpoint)`; only rank 0 writes the
   checkpoint (model, EMA, optimiser, scheduler, epoch, torch RNG, metric history). The Ray run is
   named `<name>-<fingerprint of every input>`, so rerunning the same inputs resumes from the last
@@ -39,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,7 +50,7 @@ from torch import nn
 from puma_ray import storage
 from puma_ray.attacks.pgd import pgd, trades_adv
 from puma_ray.config import AttackConfig, PipelineConfig, TrainingConfig
-from puma_ray.data import dataset_dirs, decode_images, open_dataset
+from puma_ray.data import SOURCES, dataset_dirs, decode_images, open_dataset
 from puma_ray.errors import ConfigError, PumaRayError
 
 STATE_FILE = "state.pt"
@@ -174,6 +178,58 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+@dataclass(frozen=True)
+class EpochPlan:
+    """How one worker draws its batches. `batch` maps a stream name to rows per step from it:
+    {"train": b} is one stream over every row, {"real": r, "synthetic": s} mixes the two sources
+    in a fixed ratio. `steps` is the number of optimiser steps per epoch, or None for "one pass
+    over the stream" (epochs then end where the data does, with a smaller last batch)."""
+
+    batch: dict[str, int]
+    steps: int | None
+
+    @property
+    def samples(self) -> int | None:
+        """Samples per epoch on this worker (None: one pass)."""
+        return None if self.steps is None else self.steps * sum(self.batch.values())
+
+
+def epoch_plan(source_rows: dict[str, int], tcfg: TrainingConfig, world: int) -> EpochPlan:
+    """Per-worker batches and steps per epoch for `source_rows` ({"real": n, "synthetic": m}
+    rows of the training set) on `world` workers.
+
+    With both sources present and `real_fraction` set, every batch holds round(f*b) real rows
+    and the rest synthetic, each drawn from its own stream that restarts when it runs out (the
+    0.3 real : 0.7 synthetic batches of Wang et al. 2023, arXiv:2302.04638). An epoch is then a
+    number of steps: as many samples as the set has (`epoch_length: kept`, so pruning saves
+    compute), or `samples_per_epoch` (`fixed`; Wang et al. count 50k). Without mixing and with
+    `kept`, an epoch is exactly one pass."""
+    per_worker = max(1, tcfg.batch_size // world)
+    rows = sum(source_rows.values())
+    mixed = tcfg.real_fraction is not None and all(source_rows.get(s, 0) > 0 for s in SOURCES)
+    if mixed:
+        n_real = round(tcfg.real_fraction * per_worker)
+        batch = {"real": n_real, "synthetic": per_worker - n_real}
+        batch = {k: v for k, v in batch.items() if v > 0}
+    else:
+        batch = {"train": per_worker}
+    global_batch = per_worker * world
+    if tcfg.epoch_length == "fixed":
+        return EpochPlan(batch, max(1, math.ceil(tcfg.samples_per_epoch / global_batch)))
+    if mixed:
+        return EpochPlan(batch, max(1, math.ceil(rows / global_batch)))
+    return EpochPlan(batch, None)
+
+
+def eps_factor(step: int, warmup_steps: int) -> float:
+    """Multiplier of every sample's training eps at optimiser step `step` (0-based): a linear
+    ramp to 1 over `warmup_steps` (0: always 1). PGD-AT from scratch at the full radius can sit
+    at chance on hard data; starting from small balls lets the robust features form first."""
+    if step >= warmup_steps:
+        return 1.0
+    return (step + 1) / warmup_steps
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on conv/linear weights only; BatchNorm parameters and biases are 1-D."""
     decay, no_decay = [], []
@@ -223,7 +279,8 @@ class _Session:
     rank = 0
     world_size = 1
 
-    def data(self):
+    def data(self, stream: str):
+        """The iterable (Ray `DataIterator` or `Dataset`) of one stream of the `EpochPlan`."""
         raise NotImplementedError
 
     def checkpoint_state(self) -> dict | None:
@@ -247,10 +304,10 @@ class _RaySession(_Session):
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
 
-    def data(self):
+    def data(self, stream: str):
         import ray.train
 
-        return ray.train.get_dataset_shard("train")
+        return ray.train.get_dataset_shard(stream)
 
     def checkpoint_state(self) -> dict | None:
         import ray.train
@@ -284,13 +341,13 @@ class _RaySession(_Session):
 class _LocalSession(_Session):
     """num_workers=0: the loop in this process; checkpoints in a plain directory."""
 
-    def __init__(self, dataset, ckpt_dir: str):
-        self.dataset = dataset
+    def __init__(self, datasets: dict, ckpt_dir: str):
+        self.datasets = datasets
         self.ckpt_dir = ckpt_dir
         self.reports: list[dict] = []
 
-    def data(self):
-        return self.dataset
+    def data(self, stream: str):
+        return self.datasets[stream]
 
     def checkpoint_state(self) -> dict | None:
         path = os.path.join(self.ckpt_dir, STATE_FILE)
@@ -320,6 +377,68 @@ def _batch_tensors(batch, image_shape, has_eps: bool, uniform_eps: float):
     else:
         eps = torch.full((len(y),), float(uniform_eps), dtype=torch.float32)
     return ids, x.contiguous(), y, eps
+
+
+def _passes(data, batch_size: int, seed: int, first_pass: int, *, endless: bool, name: str):
+    """pyarrow batches of one stream, reshuffled every pass (local shuffle buffer of 4 batches,
+    at least 256 rows); each pass ends with a smaller batch. An endless stream starts its next
+    pass when one ends, so a small real set recurs within an epoch of a large synthetic one."""
+    p = first_pass
+    while True:
+        rows = 0
+        for batch in data.iter_batches(
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            drop_last=False,
+            local_shuffle_buffer_size=min(max(batch_size * 4, 256), 10_000),
+            local_shuffle_seed=seed + p * 31,
+        ):
+            rows += len(batch)
+            yield batch
+        if not endless:
+            return
+        if rows == 0:
+            raise TrainingError(f"the {name} stream gave this worker no rows")
+        p += 1
+
+
+def _exact(batches, n: int):
+    """Re-cut a stream of tables into tables of exactly n rows (a pass's short last batch is
+    topped up from the next pass), so a mixed batch keeps its real:synthetic ratio."""
+    buf: list[pa.Table] = []
+    have = 0
+    for table in batches:
+        buf.append(table)
+        have += len(table)
+        while have >= n:
+            joined = buf[0] if len(buf) == 1 else pa.concat_tables(buf)
+            yield joined.slice(0, n)
+            rest = joined.slice(n)
+            buf, have = ([rest] if len(rest) else []), len(rest)
+
+
+def stream_files(
+    files: list[str], file_sources: list[dict | None], streams
+) -> dict[str, tuple[list[str], bool]]:
+    """Which shard files feed each stream of an `EpochPlan`: {stream: (files, filter_rows)}.
+    A file goes to the real / synthetic stream when it holds rows of that source (by its
+    per-source counts); `filter_rows` is set when some file also holds the other source, or
+    its counts are unknown (None), so rows must be filtered by the `source` column."""
+    out = {}
+    for stream in streams:
+        if stream not in SOURCES:
+            out[stream] = (list(files), False)
+            continue
+        chosen, mixed = [], False
+        for f, counts in zip(files, file_sources, strict=True):
+            if counts is None:
+                chosen.append(f)
+                mixed = True
+            elif counts.get(stream, 0) > 0:
+                chosen.append(f)
+                mixed |= sum(counts.values()) > counts[stream]
+        out[stream] = (chosen, mixed)
+    return out
 
 
 def _maybe_fail(config: dict, session: _Session, epoch: int) -> None:
@@ -368,10 +487,13 @@ def train_loop(config: dict, session: _Session | None = None) -> list[dict]:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    per_worker_batch = max(1, tcfg.batch_size // world)
-    steps_per_epoch = max(1, math.ceil(config["num_rows"] / (per_worker_batch * world)))
+    plan = epoch_plan(config["source_rows"], tcfg, world)
+    per_worker_batch = sum(plan.batch.values())
+    one_pass = max(1, math.ceil(config["num_rows"] / (per_worker_batch * world)))
+    steps_per_epoch = plan.steps or one_pass
     total_steps = steps_per_epoch * tcfg.epochs
     warmup = int(round(tcfg.warmup_epochs * steps_per_epoch))
+    eps_warmup = int(round(tcfg.eps_warmup_epochs * steps_per_epoch))
     opt = torch.optim.SGD(
         param_groups(model, tcfg.weight_decay),
         lr=tcfg.lr,
@@ -399,27 +521,39 @@ def train_loop(config: dict, session: _Session | None = None) -> list[dict]:
     if rank == 0 and config.get("test_uri"):
         test = load_test_subset(config["test_uri"], ev["train_subset"])
     gen = torch.Generator().manual_seed(tcfg.seed * 1000 + rank)
-    data = session.data()
     debug_dir = config.get("debug_dir")
+
+    def stream(name: str, first_pass: int, endless: bool):
+        seed = tcfg.seed * 7919 + rank + 100_003 * list(plan.batch).index(name)
+        n = plan.batch[name]
+        batches = _passes(session.data(name), n, seed, first_pass, endless=endless, name=name)
+        return _exact(batches, n) if endless else batches
+
+    # fixed-step epochs draw from endless streams that carry on across epochs
+    endless = {k: stream(k, start_epoch, True) for k in plan.batch} if plan.steps else None
+
+    def epoch_batches(epoch: int):
+        if endless is None:
+            yield from stream("train", epoch, False)
+            return
+        for _ in range(plan.steps):
+            parts = [next(endless[k]) for k in plan.batch]
+            yield parts[0] if len(parts) == 1 else pa.concat_tables(parts)
 
     for epoch in range(start_epoch, tcfg.epochs):
         gen.manual_seed(tcfg.seed * 100003 + epoch * 1000 + rank)
         wrapped.train()
         t0 = time.perf_counter()
         sums = np.zeros(5)  # loss*n, clean correct, adv correct, n, batches
-        seen: list[np.ndarray] = []
-        it = data.iter_batches(
-            batch_size=per_worker_batch,
-            batch_format="pyarrow",
-            drop_last=False,
-            local_shuffle_buffer_size=min(max(per_worker_batch * 4, 256), 10_000),
-            local_shuffle_seed=tcfg.seed * 7919 + epoch * 31 + rank,
-        )
-        for batch in it:
+        seen: list[tuple[np.ndarray, np.ndarray]] = []
+        for batch in epoch_batches(epoch):
             ids, x, y, eps = _batch_tensors(
                 batch, image_shape, config["has_eps"], config["uniform_eps"]
             )
             x, y, eps = x.to(device), y.to(device), eps.to(device)
+            ramp = eps_factor(sched.last_epoch, eps_warmup)  # the scheduler counts steps
+            if ramp < 1:
+                eps = eps * ramp
             if tcfg.augment:
                 x = augment_batch(x, gen)
             loss, adv_logits, clean_logits = train_step(
@@ -438,19 +572,24 @@ def train_loop(config: dict, session: _Session | None = None) -> list[dict]:
                 clean_logits = adv_logits
             n = len(y)
             sums += [
-                float(loss) * n,
+                float(loss.detach()) * n,
                 float((clean_logits.argmax(1) == y).sum()),
                 float((adv_logits.argmax(1) == y).sum()),
                 n,
                 1,
             ]
             if debug_dir:
-                seen.append(ids)
+                seen.append((ids, batch["source"].to_numpy(zero_copy_only=False) == "real"))
         seconds = time.perf_counter() - t0
         if debug_dir:
             os.makedirs(debug_dir, exist_ok=True)
-            ids_all = np.concatenate(seen) if seen else np.zeros(0, np.int64)
-            np.save(os.path.join(debug_dir, f"ids-epoch{epoch}-rank{rank}.npy"), ids_all)
+            np.savez(
+                os.path.join(debug_dir, f"ids-epoch{epoch}-rank{rank}.npz"),
+                ids=np.concatenate([i for i, _ in seen]) if seen else np.zeros(0, np.int64),
+                real=np.concatenate([r for _, r in seen]) if seen else np.zeros(0, bool),
+                batch_real=np.array([r.sum() for _, r in seen], np.int64),
+                batch_rows=np.array([len(i) for i, _ in seen], np.int64),
+            )
         loss_sum, clean_c, adv_c, n, batches = session.all_sum(sums.tolist())
         device_seconds += session.all_sum([seconds])[0]
         metrics = {
@@ -459,11 +598,12 @@ def train_loop(config: dict, session: _Session | None = None) -> list[dict]:
             "train_clean_acc": clean_c / max(1, n),
             "train_adv_acc": adv_c / max(1, n),
             "lr": opt.param_groups[0]["lr"],
+            "eps_factor": eps_factor(sched.last_epoch - 1, eps_warmup),  # at the epoch's last step
             "samples_per_s": n / max(seconds, 1e-9),
             "epoch_s": seconds,
             "device_seconds": device_seconds,
             "train_rows": int(n),
-            "steps": int(batches),
+            "steps": int(batches) // world,  # optimiser steps (every rank takes the same)
             "attempt_start_epoch": start_epoch,  # > 0: this epoch ran after a resume
         }
         eval_model = ema.model if ema is not None else model
@@ -566,6 +706,8 @@ def _inputs(cfg: PipelineConfig, run_dir: str, dataset: str, kept_dir: str | Non
     if dataset == "full":
         return dict(
             files=full.files,
+            file_sources=[dict(sh.rows_per_source) for sh in info.shards],
+            source_rows=dict(info.rows_per_source),
             rows=full.num_rows,
             has_eps=False,
             fingerprint=info.fingerprint,
@@ -582,8 +724,12 @@ def _inputs(cfg: PipelineConfig, run_dir: str, dataset: str, kept_dir: str | Non
     rows = int(manifest["counts"]["kept"])
     if rows == 0:
         raise TrainingError(f"{kept_dir or default_kept_dir(run_dir)}: the kept set is empty")
+    per_source = manifest["counts"].get("per_source", {})
     return dict(
         files=files,
+        # None: a kept set written before per-file counts (its files are filtered by source)
+        file_sources=[sh.get("rows_per_source") for sh in manifest["shards"]],
+        source_rows={s: int(c["kept"]) for s, c in per_source.items()},
         rows=rows,
         has_eps=True,
         fingerprint=manifest["fingerprint"],
@@ -689,6 +835,7 @@ def run_train(
         "num_classes": num_classes,
         "image_shape": inp["image_shape"],
         "num_rows": inp["rows"],
+        "source_rows": inp["source_rows"],
         "has_eps": inp["has_eps"],
         "uniform_eps": tcfg.attack.epsilon,
         "test_uri": inp["test_uri"],
@@ -712,18 +859,25 @@ def run_train(
 
     ensure_ray(cfg.ray)
     import ray
+    from ray.data.expressions import col
 
-    ds = ray.data.read_parquet(inp["files"], columns=columns)
+    plan = epoch_plan(inp["source_rows"], tcfg, max(1, cfg.ray.num_workers))
+    datasets = {}
+    for stream, (files, filter_rows) in stream_files(
+        inp["files"], inp["file_sources"], plan.batch
+    ).items():
+        ds = ray.data.read_parquet(files).select_columns(columns)
+        datasets[stream] = ds.filter(expr=col("source") == stream) if filter_rows else ds
     status = "FAILED"
     ray_path = None
     try:
         if cfg.ray.num_workers == 0:
             ckpt_dir = (
-                os.path.join(os.path.abspath(out_dir), f"local-{fp}")
+                os.path.join(storage.local_path(out_dir), f"local-{fp}")
                 if storage.is_local(out_dir)
                 else tempfile.mkdtemp()
             )
-            session = _LocalSession(ds, ckpt_dir)
+            session = _LocalSession(datasets, ckpt_dir)
             prior = session.checkpoint_state()
             resumed = int(prior["epoch"]) + 1 if prior else 0
             history = train_loop(loop_config, session)
@@ -733,7 +887,7 @@ def run_train(
                 cfg,
                 tcfg,
                 loop_config,
-                ds,
+                datasets,
                 name,
                 fp,
                 run_dir,
@@ -793,7 +947,7 @@ def _fit(
     cfg: PipelineConfig,
     tcfg: TrainingConfig,
     loop_config: dict,
-    ds,
+    datasets: dict,
     name,
     fp,
     run_dir,
@@ -809,7 +963,7 @@ def _fit(
     if storage_path is None and not storage.is_local(run_dir):
         storage_path = storage.join(run_dir, "ray_train")
     elif storage_path is None:
-        storage_path = os.path.join(os.path.abspath(run_dir), "ray_train")
+        storage_path = os.path.join(storage.local_path(run_dir), "ray_train")
     run_name = ray_run_name or f"{name}-{fp}"
     snapshot = os.path.join(storage_path, run_name)
     resumed = _last_reported_epoch(snapshot)
@@ -831,7 +985,7 @@ def _fit(
             failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
             callbacks=list(callbacks or []),
         ),
-        datasets={"train": ds},
+        datasets=datasets,
     )
     try:
         result = trainer.fit()

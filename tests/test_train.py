@@ -12,7 +12,7 @@ import torch
 
 from puma_ray.config import AttackConfig, load_config
 from puma_ray.pipeline import margin_model_config
-from puma_ray.train import adversarial_batch, augment_batch, lr_factor, run_train
+from puma_ray.train import EpochPlan, adversarial_batch, augment_batch, lr_factor, run_train
 
 BASE = [
     "data.sources=[{type: builtin, real_train: 96, real_test: 64, synthetic: 160}]",
@@ -99,6 +99,67 @@ def test_augment_batch_crops_and_flips():
     assert out.min() >= x.min() and out.max() <= x.max()
 
 
+def test_epoch_plan_mixes_sources_and_sets_epoch_length():
+    from puma_ray.config import TrainingConfig
+    from puma_ray.train import epoch_plan
+
+    both = {"real": 500, "synthetic": 3000}
+    mixed = epoch_plan(both, TrainingConfig(batch_size=128), world=2)
+    assert mixed.batch == {"real": 19, "synthetic": 45}  # round(0.3 * 64) per worker
+    assert mixed.steps == -(-3500 // 128) and mixed.samples == mixed.steps * 64
+    # pruning the synthetic rows shortens the epoch (epoch_length: kept)
+    assert (
+        epoch_plan({"real": 500, "synthetic": 1500}, TrainingConfig(batch_size=128), 2).steps == 16
+    )
+    fixed = TrainingConfig(batch_size=128, epoch_length="fixed", samples_per_epoch=50_000)
+    assert (
+        epoch_plan(both, fixed, 2).steps
+        == epoch_plan({"real": 9, "synthetic": 1}, fixed, 2).steps
+        == 391
+    )
+    # one source, or real_fraction null: one stream, one pass per epoch (or fixed steps)
+    for rows, tcfg in (
+        ({"real": 0, "synthetic": 3000}, TrainingConfig(batch_size=128)),
+        (both, TrainingConfig(batch_size=128, real_fraction=None)),
+    ):
+        assert epoch_plan(rows, tcfg, 2) == EpochPlan({"train": 64}, None)
+    only_real = epoch_plan({"real": 700}, fixed, 1)
+    assert only_real.batch == {"train": 128} and only_real.steps == 391
+    assert epoch_plan(both, TrainingConfig(batch_size=10, real_fraction=0.0), 1).batch == {
+        "synthetic": 10
+    }
+
+
+def test_stream_files_routes_shards_by_source():
+    from puma_ray.train import stream_files
+
+    files = ["a", "b", "c", "d"]
+    counts = [
+        {"real": 5, "synthetic": 0},
+        {"real": 2, "synthetic": 3},
+        {"real": 0, "synthetic": 9},
+        None,
+    ]
+    routed = stream_files(files, counts, ["real", "synthetic"])
+    assert routed == {"real": (["a", "b", "d"], True), "synthetic": (["b", "c", "d"], True)}
+    pure = stream_files(files[::2], counts[::2], ["real", "synthetic"])
+    assert pure == {"real": (["a"], False), "synthetic": (["c"], False)}
+    assert stream_files(files, counts, ["train"]) == {"train": (files, False)}
+
+
+def test_exact_batches_top_up_across_passes():
+    import pyarrow as pa
+
+    from puma_ray.train import _exact
+
+    passes = [
+        pa.table({"id": list(range(i, i + k))}) for i, k in ((0, 4), (4, 3), (10, 4), (14, 3))
+    ]
+    out = list(_exact(iter(passes), 4))
+    assert [len(t) for t in out] == [4, 4, 4]  # the 2 left-over rows wait for more
+    assert [t["id"].to_pylist() for t in out] == [[0, 1, 2, 3], [4, 5, 6, 10], [11, 12, 13, 14]]
+
+
 def test_lr_schedule_warmup_then_cosine():
     f = [lr_factor(s, 100, 10, "cosine") for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
@@ -128,23 +189,73 @@ def test_in_process_train_then_rerun_is_noop(data_dir, tmp_path):
     assert not third.skipped and third.resumed_from_epoch == 0 and len(third.history) == 1
 
 
-def test_ddp_two_workers(data_dir, tmp_path):
-    """2 CPU workers: disjoint ids per epoch covering the kept set, the loss goes down, the
-    model and MLflow metrics are written; a rerun is a no-op, and without summary.json it
-    resumes the finished Ray run with the right epoch count."""
+def _seen(debug, epoch, rank):
+    return np.load(os.path.join(debug, f"ids-epoch{epoch}-rank{rank}.npz"))
+
+
+def _kept_ids(run_dir, source):
+    import pyarrow.parquet as pq
+
+    from puma_ray.prune import kept_files
+
+    table = pq.read_table(kept_files(os.path.join(run_dir, "kept"))[0], columns=["id", "source"])
+    ids = table["id"].to_numpy()
+    return set(ids[table["source"].to_numpy(zero_copy_only=False) == source].tolist())
+
+
+def test_fixed_epoch_length_draws_mixed_batches_across_passes(data_dir, tmp_path):
+    """epoch_length fixed: 100 samples per epoch whatever the kept set's size, every batch
+    0.3 real; the real stream (96 rows, 10 per batch) runs out inside epoch 3 and carries on."""
     run_dir = _fresh_run_dir(data_dir, tmp_path)
     debug = str(tmp_path / "ids")
-    cfg = _cfg("training.objective=standard", "training.label_smoothing=0")
+    cfg = _cfg(
+        "ray.num_workers=0",
+        "training.objective=standard",
+        "training.epochs=3",
+        "training.epoch_length=fixed",
+        "training.samples_per_epoch=100",
+    )
+    s = run_train(cfg, run_dir, log=_quiet, debug_dir=debug)
+    assert [(m["steps"], m["train_rows"]) for m in s.history] == [(4, 128)] * 3
+    seen = [_seen(debug, e, 0) for e in range(3)]
+    for d in seen:
+        assert d["batch_rows"].tolist() == [32] * 4 and d["batch_real"].tolist() == [10] * 4
+    real = np.concatenate([d["ids"][d["real"]] for d in seen])  # 120 draws of 96 real rows
+    assert len(set(real[:96].tolist())) == 96 and set(real[96:]) <= set(real[:96])
+
+
+def test_ddp_two_workers(data_dir, tmp_path):
+    """2 CPU workers, batches of half real, half synthetic rows: every batch has the ratio, the
+    workers see disjoint rows (the synthetic stream within an epoch, the smaller real stream
+    within each of its passes), the loss goes down, the model and MLflow metrics are written; a
+    rerun is a no-op, and without summary.json it resumes the finished Ray run."""
+    run_dir = _fresh_run_dir(data_dir, tmp_path)
+    debug = str(tmp_path / "ids")
+    cfg = _cfg(
+        "training.objective=standard", "training.label_smoothing=0", "training.real_fraction=0.5"
+    )
     s = run_train(cfg, run_dir, log=_quiet, debug_dir=debug)
     assert [m["epoch"] for m in s.history] == [1, 2]
     assert s.history[-1]["train_loss"] < s.history[0]["train_loss"]
+    real, synthetic = _kept_ids(run_dir, "real"), _kept_ids(run_dir, "synthetic")
+    assert len(real) == 96 and len(real) + len(synthetic) == s.rows  # ~25% synthetic pruned
+    steps = -(-s.rows // 32)  # an epoch is as many samples as the kept set has
+    assert steps * 8 < len(synthetic) // 2  # so no worker's synthetic stream wraps in epoch 1
     for e in range(2):
-        a = np.load(os.path.join(debug, f"ids-epoch{e}-rank0.npy"))
-        b = np.load(os.path.join(debug, f"ids-epoch{e}-rank1.npy"))
-        # Ray's equal streaming split drops the odd row out, so every rank takes equal steps
-        assert len(a) == len(b) == s.rows // 2 == s.history[e]["train_rows"] // 2
-        assert not set(a) & set(b)
-        assert len(set(a) | set(b)) == 2 * (s.rows // 2)
+        a, b = _seen(debug, e, 0), _seen(debug, e, 1)
+        assert s.history[e]["steps"] == steps and s.history[e]["train_rows"] == steps * 32
+        for d in (a, b):
+            assert d["batch_rows"].tolist() == [16] * steps  # 32 over 2 workers
+            assert d["batch_real"].tolist() == [8] * steps  # real_fraction 0.5
+            assert set(d["ids"][d["real"]].tolist()) <= real
+            assert set(d["ids"][~d["real"]].tolist()) <= synthetic
+    a, b = _seen(debug, 0, 0), _seen(debug, 0, 1)
+    # 56 synthetic rows per worker in epoch 1, of its ~60: no repeats, none shared
+    syn_a, syn_b = a["ids"][~a["real"]], b["ids"][~b["real"]]
+    assert len(set(syn_a)) == len(syn_a) == 56 and not set(syn_a) & set(syn_b)
+    # the 48 real rows of each worker's first pass are its own; then the pass starts again
+    first_a, first_b = set(a["ids"][a["real"]][:48]), set(b["ids"][b["real"]][:48])
+    assert len(first_a) == len(first_b) == 48 and first_a | first_b == real
     for m in s.history:
         assert 0 <= m["test_robust_acc"] <= m["test_clean_acc"] <= 1
 
@@ -168,7 +279,10 @@ def test_ddp_two_workers(data_dir, tmp_path):
 def test_killed_worker_resumes_from_checkpoint(data_dir, tmp_path):
     run_dir = _fresh_run_dir(data_dir, tmp_path)
     marker = str(tmp_path / "failed-once")
-    cfg = _cfg("training.max_failures=1", "training.objective=standard")
+    # one stream over all rows (no per-batch mixing): epochs are single passes
+    cfg = _cfg(
+        "training.max_failures=1", "training.objective=standard", "training.real_fraction=null"
+    )
     s = run_train(cfg, run_dir, log=_quiet, debug_fail={"rank": 1, "epoch": 1, "marker": marker})
     assert os.path.exists(marker)  # the worker really died once, at the start of epoch 2
     assert [m["epoch"] for m in s.history] == [1, 2]
@@ -189,7 +303,55 @@ def test_full_dataset_margin_model_then_evaluate(data_dir, tmp_path):
     ev = run_evaluate(cfg, run_dir, checkpoint=s.model_path, log=_quiet)
     assert ev.rows == 32
     assert 0 <= ev.pgd_acc <= ev.clean_acc <= 1
-    assert ev.attacks_run == ["clean", "pgd-3"]
+    assert ev.attacks_run == ["clean", "pgd-3"] and ev.autoattack_acc is None
     assert "PGD-3" in ev.format()
     saved = json.load(open(os.path.join(run_dir, "evaluate", "summary.json")))
     assert saved["clean_acc"] == ev.clean_acc
+
+    # AutoAttack (standard, through torchattacks from the eval/dev extra) on 8 rows
+    aa_cfg = _cfg("ray.num_workers=0", "evaluation.autoattack=true", "evaluation.subset=8")
+    aa = run_evaluate(aa_cfg, run_dir, checkpoint=s.model_path, name="evaluate_aa", log=_quiet)
+    assert aa.attacks_run == ["clean", "pgd-3", "autoattack-standard (torchattacks)"]
+    assert 0 <= aa.autoattack_acc <= aa.clean_acc and aa.robust_acc == aa.autoattack_acc
+    assert "AutoAttack (standard)" in aa.format()
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient(f"sqlite:///{run_dir}/mlflow.db").get_run(aa.mlflow_run_id).data.metrics
+    assert logged["autoattack_acc"] == aa.autoattack_acc
+
+
+def test_pgd_at_beats_standard_training_on_pgd_accuracy(tmp_path, ray_local):
+    """The same small CNN, data and steps: PGD-AT (eps 8/255, ramped in over 4 epochs) ends with
+    a clearly higher PGD-5 accuracy than standard training, which learns only non-robust
+    features; and it really learned (well above the 0.1 of a constant prediction)."""
+    from puma_ray.evaluate import run_evaluate
+    from puma_ray.ingest import run_ingest
+
+    run_dir = str(tmp_path / "run")
+    sets = [
+        "data.sources=[{type: builtin, real_train: 1024, real_test: 256, synthetic: 0, "
+        "noise: 0.04}]",
+        "data.rows_per_shard=1024",
+        "training.epochs=10",
+        "training.batch_size=32",
+        "training.lr=0.05",
+        "training.augment=false",
+        "training.attack.steps=2",
+        "training.attack.step_ratio=0.5",
+        "training.eps_warmup_epochs=4",
+        "evaluation.subset=256",
+        "evaluation.pgd_steps=5",
+        "ray.num_workers=0",
+        "tracking.tracking_uri=none",
+    ]
+    run_ingest(load_config(None, sets), run_dir, parallel=False, log=_quiet)
+    acc = {}
+    for objective in ("standard", "pgd_at"):
+        cfg = load_config(None, [*sets, f"training.objective={objective}"])
+        s = run_train(cfg, run_dir, dataset="full", name=objective, log=_quiet)
+        ev = run_evaluate(cfg, run_dir, s.model_path, name=f"eval_{objective}", log=_quiet)
+        acc[objective] = (ev.clean_acc, ev.pgd_acc)
+        if objective == "pgd_at":  # the ramp reaches the full radius after 4 of 10 epochs
+            assert [m["eps_factor"] for m in s.history][2:5] == [0.75, 1.0, 1.0]
+    assert acc["pgd_at"][0] > 0.3, acc
+    assert acc["pgd_at"][1] >= acc["standard"][1] + 0.1, acc

@@ -5,6 +5,7 @@ See docs/data.md for the shard format and the id scheme.
 """
 
 from puma_ray.data.shards import (
+    SOURCES,
     Batch,
     DatasetInfo,
     DatasetWriter,
@@ -20,6 +21,7 @@ from puma_ray.data.shards import (
 )
 
 __all__ = [
+    "SOURCES",
     "Batch",
     "DatasetInfo",
     "DatasetWriter",
