@@ -239,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_fn, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        _common(p)
+        if name == "evaluate":  # `puma-ray evaluate CHECKPOINT`: the model is what it is about
+            p.add_argument("checkpoint", help="model.pt to evaluate (a local path or URI)")
+        _common(p, config_positional=name != "evaluate")
         if name in ("ingest", "score", "prune"):
             p.add_argument("--force", action="store_true", help="redo even if up to date")
         if name == "score":
@@ -265,8 +267,6 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--kept-dir", help="kept set to train on (default: <run_dir>/kept)")
         if name in ("train", "evaluate"):
             p.add_argument("--name", help="output folder under the run dir and MLflow run name")
-        if name == "evaluate":
-            p.add_argument("--checkpoint", required=True, help="model.pt to evaluate")
         if name == "run":
             p.add_argument(
                 "--force",
