@@ -13,7 +13,10 @@ import os
 import posixpath
 import uuid
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+
+from puma_ray.errors import ConfigError
 
 # Object stores whose paths are `bucket/key`. Building their filesystem is not free: without a
 # `?region=` in the URI, pyarrow asks S3 for the bucket's region (a network round trip) every
@@ -38,7 +41,10 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     if scheme in _BUCKET_SCHEMES and rest and not any(c in rest for c in "?#%"):
         bucket = rest.split("/", 1)[0]
         return _bucket_filesystem(scheme, bucket), rest.rstrip("/")
-    return pafs.FileSystem.from_uri(uri)
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except pa.ArrowInvalid as e:  # e.g. an unescaped space: file:///a b is file:///a%20b
+        raise ConfigError(f"{uri}: not a URI pyarrow can open ({e})") from None
 
 
 def local_path(uri: str | os.PathLike) -> str | None:

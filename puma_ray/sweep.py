@@ -749,8 +749,7 @@ def run_sweep(
     trial fail once after training (tests)."""
     begin = time.perf_counter()
     plan = plan_sweep(cfg)
-    if storage.is_local(run_dir):
-        run_dir = os.path.abspath(run_dir)
+    run_dir = storage.local_path(run_dir) or run_dir  # file:// and relative paths: absolute
     cfg = cfg.model_copy(deep=True)
     if tracking_uri:
         cfg.tracking.tracking_uri = tracking_uri

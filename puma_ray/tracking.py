@@ -24,9 +24,8 @@ DISABLED_URIS = ("none", "off", "false", "disabled")
 
 
 def _local_base(run_dir: str | None) -> str:
-    if run_dir is not None and storage.is_local(run_dir):
-        return os.path.abspath(os.fspath(run_dir).removeprefix("file://"))
-    return os.getcwd()  # a remote run directory cannot hold a sqlite file
+    local = storage.local_path(run_dir) if run_dir is not None else None
+    return local or os.getcwd()  # a remote run directory cannot hold a sqlite file
 
 
 def tracking_uri(cfg: TrackingConfig, run_dir: str | None) -> str | None:

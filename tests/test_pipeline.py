@@ -10,6 +10,7 @@ import pytest
 
 from puma_ray.cli import main as cli_main
 from puma_ray.config import load_config
+from puma_ray.errors import ConfigError
 from puma_ray.pipeline import STAGES, run_pipeline
 
 TINY = [
@@ -213,3 +214,49 @@ def test_unknown_force_stage_is_refused(first_run):
     tmp, run_dir, cfg, _result, _logs = first_run
     with pytest.raises(ConfigError, match="--force baseline_random: unknown stage"):
         run_pipeline(_cfg(tmp), run_dir, force=("baseline_random",))
+
+
+def test_file_uri_run_dir_goes_through_pyarrow(tmp_path, ray_local, monkeypatch):
+    """A `file://` run directory (what an `s3://` or `gs://` one is, through pyarrow's
+    filesystem layer, minus the network): every stage, Ray Train's storage and the default
+    MLflow store land in that directory, and nothing in the CWD (no stray `file:` folder)."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    local = tmp_path / "uri_run"
+    uri = f"file://{local}"
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            "name=uri",
+            "ray.num_workers=1",
+            "ray.cpus_per_worker=1",
+            "tracking.experiment=uri",
+        ],
+    )
+    result = run_pipeline(cfg, uri, log=lambda _m: None)
+    assert result.skipped == []
+    for path in (
+        "data/train/dataset.json",
+        "scores/manifest.json",
+        "kept/manifest.json",
+        "margin_model/model.pt",
+        "train/model.pt",
+        "evaluate/summary.json",
+        "pipeline.json",
+        "report.json",
+        "mlflow.db",
+    ):
+        assert (local / path).is_file(), path
+    # Ray Train (1 worker) checkpointed into <run dir>/ray_train through the same URI
+    runs = {p.name.split("-")[0] for p in (local / "ray_train").iterdir()}
+    assert runs == {"margin_model", "train"}
+    assert list((local / "ray_train").glob("train-*/checkpoint_*/state.pt"))
+    assert sorted(os.listdir(tmp_path)) == ["uri_run"]
+    assert result.tracking_uri == f"sqlite:///{local}/mlflow.db"
+    parent = MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["score.rows"] == 256
+    assert run_pipeline(cfg, uri, log=lambda _m: None).skipped == list(STAGES)
+    with pytest.raises(ConfigError, match="not a URI pyarrow can open"):
+        run_pipeline(cfg, f"file://{tmp_path}/with space", log=lambda _m: None)
