@@ -197,22 +197,31 @@ def test_killed_actor_still_exactly_once(scored_run, tmp_path):
     killed = []
     gcs = ray.get_runtime_context().gcs_address  # this test's cluster, even if others run here
 
+    def rows_done(actors) -> int:
+        """Rows the scorers reported to the stage's progress counter so far."""
+        counters = [a for a in actors if a.class_name == "RowCounter" and a.name]
+        try:
+            return ray.get(ray.get_actor(counters[0].name).get.remote(), timeout=5)
+        except Exception:  # not started yet, or already gone
+            return 0
+
     def killer():
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
             actors = list_actors(address=gcs, filters=[("state", "=", "ALIVE")], detail=True)
             scorers = [a for a in actors if "MarginScorer" in (a.class_name or "")]
-            if scorers and os.path.exists(os.path.join(copy, "scores", "state.json")):
-                time.sleep(2.0)  # let it take some batches first
+            done = rows_done(actors) if scorers else 0
+            if done > 0:  # the first batches are in: kill a scorer while the rest are not
                 os.kill(scorers[0].pid, signal.SIGKILL)
-                killed.append(scorers[0].pid)
-            time.sleep(0.2)
+                killed.append(done)
+            time.sleep(0.05)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     summary = run_score(cfg2, copy, force=True, log=lambda _m: None)
     thread.join(timeout=5)
     assert killed, "no scorer actor was found to kill"
+    assert killed[0] < 600, "the kill came after the last batch"
     got = _scores(copy)
     assert len(got["id"]) == 600 and len(set(got["id"])) == 600
     assert summary.rows_scored_now == 600
