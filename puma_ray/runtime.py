@@ -26,6 +26,8 @@ def ensure_ray(ray_cfg: RayConfig) -> None:
     # 0.2 s for V1 (docs/benchmarks.md). Our stages pass explicit file lists, so V1 loses
     # nothing. The setting is read when a dataset is created, in this process.
     ctx.use_datasource_v2 = False
+    # training starts an execution per epoch and stream; each would log its plan at INFO
+    ctx.print_on_execution_start = False
 
 
 def _init(ray_cfg: RayConfig) -> None:

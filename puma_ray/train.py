@@ -33,8 +33,10 @@ import contextlib
 import copy
 import hashlib
 import json
+import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -292,6 +294,10 @@ class _Session:
     def all_sum(self, values: list[float]) -> list[float]:
         return values
 
+    def log(self, msg: str) -> None:
+        """A progress line; a Ray Train worker's stdout reaches the driver (log_to_driver)."""
+        print(msg, flush=True)
+
 
 def _load_state(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -303,6 +309,16 @@ class _RaySession(_Session):
 
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        # Ray Train logs every report (metrics dict and all) at INFO from a logger named after
+        # its file, which RunConfig's LoggingConfig does not reach; the loop logs each epoch.
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+    def log(self, msg: str) -> None:
+        # not print(): Ray Train patches it to log *and* echo, so each line would show twice
+        sys.stdout.write(msg + "\n")
+        sys.stdout.flush()
 
     def data(self, stream: str):
         import ray.train
@@ -341,10 +357,11 @@ class _RaySession(_Session):
 class _LocalSession(_Session):
     """num_workers=0: the loop in this process; checkpoints in a plain directory."""
 
-    def __init__(self, datasets: dict, ckpt_dir: str):
+    def __init__(self, datasets: dict, ckpt_dir: str, log: Callable[[str], None] = print):
         self.datasets = datasets
         self.ckpt_dir = ckpt_dir
         self.reports: list[dict] = []
+        self.log = log
 
     def data(self, stream: str):
         return self.datasets[stream]
@@ -454,6 +471,17 @@ def _maybe_fail(config: dict, session: _Session, epoch: int) -> None:
         f.write("failed once\n")
     time.sleep(fail.get("delay_s", 3.0))
     os._exit(1)  # a hard worker death, as a preempted node would give
+
+
+def _epoch_line(name: str, epochs: int, m: dict) -> str:
+    test = ""
+    if "test_clean_acc" in m:
+        test = f", test clean {m['test_clean_acc']:.3f} robust {m['test_robust_acc']:.3f}"
+    return (
+        f"[{name}] epoch {m['epoch']}/{epochs}: loss {m['train_loss']:.4f}, train clean "
+        f"{m['train_clean_acc']:.3f} adv {m['train_adv_acc']:.3f}{test}, "
+        f"{m['samples_per_s']:.0f} samples/s, {m['epoch_s']:.0f} s"
+    )
 
 
 def train_loop(config: dict, session: _Session | None = None) -> list[dict]:
@@ -620,6 +648,8 @@ def train_loop(config: dict, session: _Session | None = None) -> list[dict]:
             )
             metrics.update(test_clean_acc=clean, test_robust_acc=robust)
         history.append(metrics)
+        if rank == 0:
+            session.log(_epoch_line(config.get("name", "train"), tcfg.epochs, metrics))
         checkpoint = None
         if rank == 0:
             checkpoint = {
@@ -829,6 +859,7 @@ def run_train(
         )
     ev = cfg.evaluation
     loop_config = {
+        "name": name,
         "training": tcfg.model_dump(mode="json"),
         "arch": model_cfg.arch,
         "model_kwargs": dict(model_cfg.kwargs),
@@ -840,10 +871,9 @@ def run_train(
         "uniform_eps": tcfg.attack.epsilon,
         "test_uri": inp["test_uri"],
         "evaluation": {
-            "pgd_steps": ev.pgd_steps,
+            "pgd_steps": ev.epoch_pgd_steps,
             "batch_size": ev.batch_size,
-            # the per-epoch check is a progress signal; `evaluate` is the full measurement
-            "train_subset": min(ev.subset or 10_000, 1000),
+            "train_subset": min(ev.subset or ev.epoch_subset, ev.epoch_subset),
         },
         "mlflow": run,
         "use_gpu": cfg.ray.use_gpu,
@@ -877,7 +907,7 @@ def run_train(
                 if storage.is_local(out_dir)
                 else tempfile.mkdtemp()
             )
-            session = _LocalSession(datasets, ckpt_dir)
+            session = _LocalSession(datasets, ckpt_dir, log)
             prior = session.checkpoint_state()
             resumed = int(prior["epoch"]) + 1 if prior else 0
             history = train_loop(loop_config, session)
@@ -982,6 +1012,8 @@ def _fit(
             name=run_name,
             storage_path=storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.checkpoints_to_keep),
+            # the loop prints one line per epoch; Ray Train's INFO lines repeat every report
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
             callbacks=list(callbacks or []),
         ),
