@@ -190,11 +190,6 @@ class EpochPlan:
     batch: dict[str, int]
     steps: int | None
 
-    @property
-    def samples(self) -> int | None:
-        """Samples per epoch on this worker (None: one pass)."""
-        return None if self.steps is None else self.steps * sum(self.batch.values())
-
 
 def epoch_plan(source_rows: dict[str, int], tcfg: TrainingConfig, world: int) -> EpochPlan:
     """Per-worker batches and steps per epoch for `source_rows` ({"real": n, "synthetic": m}
