@@ -162,3 +162,15 @@ def test_console_script_and_module_entry_points():
             cmd[0] = os.path.join(os.path.dirname(sys.executable), "puma-ray")
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         assert "ingest" in out
+
+
+def test_sweep_demo_repeats_the_demo_recipe():
+    """sweep_demo.yaml promises that after `puma-ray run` its sweep reuses the demo's data,
+    margin model and scores (same stage fingerprints) and trains with the demo's recipe."""
+    from puma_ray.pipeline import stage_fingerprints
+
+    demo = load_config(None)
+    sweep = load_config(os.path.join(ROOT, "tune_configs", "sweep_demo.yaml"))
+    a, b = stage_fingerprints(demo), stage_fingerprints(sweep)
+    assert [a[s] == b[s] for s in ("ingest", "margin_model", "score")] == [True] * 3
+    assert sweep.training == demo.training and sweep.model == demo.model
