@@ -1,0 +1,158 @@
+"""The sweep's plan: `sweep.space` expanded into Tune's grid points and sampled dimensions, and
+every grid point checked as a trial would check it, all before Ray starts. Also what one trial's
+Tune config means (`trial_values`) and how it is labelled, shared by the trial and the driver."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from puma_ray.config import PipelineConfig, SearchDim
+from puma_ray.errors import ConfigError, PumaRayError
+
+# the auto-added reference: every sample kept, every sample at the full training epsilon
+BASELINE_VALUES = {"pruning.strategy": "none", "pruning.ratio": 0.0, "pruning.eps_rule": "none"}
+# keys that decide whether a trial drops samples or changes any epsilon
+_PRUNING_SHAPE = {
+    "pruning.ratio",
+    "pruning.strategy",
+    "pruning.eps_rule",
+    "pruning.eps_scale",
+    "pruning.eps_quantile",
+    "pruning.eps_alpha",
+}
+_SEEDS = ("pruning.seed", "training.seed")
+
+
+class SweepError(PumaRayError):
+    """A sweep cannot run as configured (e.g. one trial needs more than the machine has)."""
+
+
+def apply_values(cfg: PipelineConfig, values: dict[str, Any]) -> PipelineConfig:
+    """A copy of `cfg` with each dotted key ("pruning.ratio") set; assignment re-validates."""
+    out = cfg.model_copy(deep=True)
+    for key, value in values.items():
+        section, name = key.split(".", 1)
+        setattr(getattr(out, section), name, value)
+    return out
+
+
+def is_unpruned(cfg: PipelineConfig) -> bool:
+    """True when `cfg.pruning` keeps every sample at the base epsilon (the compute reference)."""
+    p = cfg.pruning
+    keeps_all = p.strategy == "none" or p.ratio == 0
+    same_eps = p.eps_rule == "none" or (
+        p.eps_rule == "scale_lowest" and (p.eps_scale == 1 or p.eps_quantile == 0)
+    )
+    return keeps_all and same_eps
+
+
+@dataclass
+class SweepPlan:
+    """Grid points (each a dict of dotted key -> value; `{"baseline": True}` for the added
+    unpruned trial) crossed by Tune with the sampled dimensions, `num_samples` times."""
+
+    points: list[dict[str, Any]]
+    sampled: dict[str, SearchDim]
+    swept: list[str]
+    num_samples: int
+    baseline_added: bool
+    baseline_in_grid: bool
+
+    @property
+    def trials(self) -> int:
+        return len(self.points) * self.num_samples
+
+
+def _check_trial(cfg: PipelineConfig, values: dict[str, Any]) -> None:
+    """Combinations the schema cannot see field by field (prune.run_prune checks them too,
+    but only once a trial runs)."""
+    from puma_ray import selection
+
+    rule = selection.EPS_RULES[cfg.pruning.eps_rule]
+    if rule.compares_margin_with_eps and cfg.scoring.norm != cfg.training.attack.norm:
+        raise ConfigError(
+            f"sweep.space: {_describe(values)}: pruning.eps_rule={cfg.pruning.eps_rule} compares "
+            f"margins with the training epsilon, so scoring.norm ({cfg.scoring.norm}) must "
+            f"equal training.attack.norm ({cfg.training.attack.norm})"
+        )
+
+
+def plan_sweep(cfg: PipelineConfig) -> SweepPlan:
+    """Expand and check the search space; raise ConfigError (one line naming the key) for
+    anything a trial would refuse. Needs no Ray, so a bad space fails before Ray starts."""
+    s = cfg.sweep
+    if not s.space:
+        raise ConfigError("sweep.space: empty (give at least one key, e.g. pruning.ratio)")
+    grid_keys = [k for k, d in s.space.items() if d.kind == "grid"]
+    sampled = {k: d for k, d in s.space.items() if d.kind != "grid"}
+    points = [
+        dict(zip(grid_keys, combo, strict=True))
+        for combo in itertools.product(*(s.space[k].grid for k in grid_keys))
+    ]
+    unpruned_points = 0
+    for point in points:
+        try:
+            trial_cfg = apply_values(cfg, point)
+        except ValueError as e:  # pydantic's ValidationError is a ValueError
+            msg = str(e).splitlines()
+            raise ConfigError(f"sweep.space: {_describe(point)}: {' '.join(msg[:3])}") from None
+        _check_trial(trial_cfg, point)
+        unpruned_points += is_unpruned(trial_cfg)
+    if s.asha and cfg.ray.num_workers == 0:
+        raise ConfigError(
+            "sweep.asha: needs ray.num_workers >= 1 (per-epoch results reach Tune through "
+            "Ray Train's reports; in-process training has none)"
+        )
+    # a grid point only counts as the reference when no sampled value can change its pruning
+    in_grid = unpruned_points > 0 and not (sampled.keys() & _PRUNING_SHAPE)
+    added = s.baseline and not in_grid
+    if added:
+        points.append({"baseline": True})
+    return SweepPlan(
+        points=points,
+        sampled=sampled,
+        swept=list(s.space),
+        num_samples=s.num_samples,
+        baseline_added=added,
+        baseline_in_grid=in_grid,
+    )
+
+
+def sweep_fingerprint(cfg: PipelineConfig) -> str:
+    """What the sweep's results depend on: the config without resources and tracking, so a
+    restore may change ray.* or concurrency but a changed search space starts a new sweep."""
+    d = cfg.model_dump(mode="json")
+    for key in ("ray", "tracking"):
+        d.pop(key)
+    for key in ("max_concurrent_trials", "trial_cpus", "trial_max_failures"):
+        d["sweep"].pop(key)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _short(key: str) -> str:
+    section, name = key.split(".", 1)
+    return name if section == "pruning" else f"{section}_{name}"
+
+
+def _describe(values: dict[str, Any]) -> str:
+    if values.get("baseline"):
+        return "unpruned baseline"
+    return " ".join(
+        f"{_short(k)}={v:g}" if isinstance(v, float) else f"{_short(k)}={v}"
+        for k, v in values.items()
+    )
+
+
+def trial_values(config: dict, plan_swept: list[str]) -> tuple[dict[str, Any], bool]:
+    """(dotted key -> value, is the added baseline) of one trial's Tune config. The added
+    baseline takes only sampled seeds from the space (replicates), nothing that prunes."""
+    point = dict(config["point"])
+    sampled = dict(config.get("sampled", {}))
+    if point.pop("baseline", False):
+        return {**BASELINE_VALUES, **{k: v for k, v in sampled.items() if k in _SEEDS}}, True
+    values = {**point, **sampled}
+    return {k: values[k] for k in plan_swept if k in values}, False
