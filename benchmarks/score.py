@@ -105,7 +105,8 @@ def main(argv=None) -> int:
         cfg = load_config(
             None,
             [
-                f"data.sources=[{{type: builtin, real_train: 0, real_test: 0, synthetic: {rows}}}]",
+                f"data.sources=[{{type: builtin, real_train: 0, real_test: 64, "
+                f"synthetic: {rows}}}]",
                 f"data.rows_per_shard={args.rows_per_shard}",
                 f"margin_model.checkpoint={os.path.abspath(ckpt)}",
                 f"scoring.batch_size={args.batch_size}",

@@ -69,6 +69,15 @@ def _run_dir(args: argparse.Namespace, cfg: PipelineConfig) -> str:
     return _absolute(args.run_dir or os.path.join(DEFAULT_RUNS, cfg.name))
 
 
+def _output_name(name: str | None) -> str | None:
+    """`--name`: one folder under the run dir, never a path that leads out of it."""
+    if name is None:
+        return None
+    from puma_ray.config import check_plain_name
+
+    return check_plain_name(name, "--name")
+
+
 def _say(msg: str) -> None:
     print(msg, flush=True)
 
@@ -87,11 +96,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     cfg = _config(args)
     run_dir = _run_dir(args, cfg)
     from puma_ray.ingest import run_ingest
+    from puma_ray.locking import run_dir_lock
     from puma_ray.runtime import ensure_ray
 
-    if args.parallel:
-        ensure_ray(cfg.ray)
-    summary = run_ingest(cfg, run_dir, parallel=args.parallel, force=args.force)
+    with run_dir_lock(run_dir, "ingest", log=_say):
+        if args.parallel:
+            ensure_ray(cfg.ray)
+        summary = run_ingest(cfg, run_dir, parallel=args.parallel, force=args.force)
     _say(summary.format())
     return 0
 
@@ -99,13 +110,15 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     cfg = _config(args)
     run_dir = _run_dir(args, cfg)
+    from puma_ray.locking import run_dir_lock
     from puma_ray.runtime import ensure_ray
     from puma_ray.score import run_score
 
-    ensure_ray(cfg.ray)
-    summary = run_score(
-        cfg, run_dir, force=args.force, embeddings=True if args.embeddings else None, log=_say
-    )
+    with run_dir_lock(run_dir, "score", log=_say):
+        ensure_ray(cfg.ray)
+        summary = run_score(
+            cfg, run_dir, force=args.force, embeddings=True if args.embeddings else None, log=_say
+        )
     _say(summary.format())
     return 0
 
@@ -113,19 +126,21 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     cfg = _config(args)
     run_dir = _run_dir(args, cfg)
+    from puma_ray.locking import run_dir_lock
     from puma_ray.prune import run_prune
     from puma_ray.runtime import ensure_ray
 
-    if args.parallel:
-        ensure_ray(cfg.ray)
-    summary = run_prune(
-        cfg,
-        run_dir,
-        force=args.force,
-        parallel=args.parallel,
-        out_dir=_absolute(args.out_dir),
-        log=_say,
-    )
+    with run_dir_lock(run_dir, "prune", log=_say):
+        if args.parallel:
+            ensure_ray(cfg.ray)
+        summary = run_prune(
+            cfg,
+            run_dir,
+            force=args.force,
+            parallel=args.parallel,
+            out_dir=_absolute(args.out_dir),
+            log=_say,
+        )
     _say(summary.format())
     return 0
 
@@ -133,21 +148,24 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args)
     run_dir = _run_dir(args, cfg)
+    from puma_ray.locking import run_dir_lock
     from puma_ray.pipeline import margin_model_config
     from puma_ray.runtime import ensure_ray
     from puma_ray.train import run_train
 
-    ensure_ray(cfg.ray)
-    name = args.name or ("margin_model" if args.dataset == "full" else "train")
+    name = _output_name(args.name) or ("margin_model" if args.dataset == "full" else "train")
     train_cfg = margin_model_config(cfg) if args.dataset == "full" else cfg
-    summary = run_train(
-        train_cfg,
-        run_dir,
-        dataset=args.dataset,
-        name=name,
-        kept_dir=_absolute(args.kept_dir),
-        log=_say,
-    )
+    with run_dir_lock(run_dir, "train", log=_say):
+        ensure_ray(cfg.ray)
+        summary = run_train(
+            train_cfg,
+            run_dir,
+            dataset=args.dataset,
+            name=name,
+            kept_dir=_absolute(args.kept_dir),
+            force=args.force,
+            log=_say,
+        )
     _say(summary.format())
     return 0
 
@@ -156,9 +174,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = _config(args)
     run_dir = _run_dir(args, cfg)
     from puma_ray.evaluate import run_evaluate
+    from puma_ray.locking import run_dir_lock
 
     checkpoint = _absolute(args.checkpoint)
-    summary = run_evaluate(cfg, run_dir, checkpoint, name=args.name or "evaluate", log=_say)
+    with run_dir_lock(run_dir, "evaluate", log=_say):
+        summary = run_evaluate(
+            cfg, run_dir, checkpoint, name=_output_name(args.name) or "evaluate", log=_say
+        )
     _say(summary.format())
     return 0
 
@@ -178,16 +200,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = _config(args)
     run_dir = _run_dir(args, cfg)
+    from puma_ray.locking import run_dir_lock
     from puma_ray.sweep import run_sweep
 
-    # run_sweep checks the search space before it starts Ray
-    result = run_sweep(
-        cfg,
-        run_dir,
-        tracking_uri=args.tracking_uri,
-        resume=not args.fresh,
-        log=_say,
-    )
+    # run_sweep checks the search space before it starts Ray; its trials write into the run
+    # dir under this lock, held by the driver
+    with run_dir_lock(run_dir, "sweep", log=_say):
+        result = run_sweep(
+            cfg,
+            run_dir,
+            tracking_uri=args.tracking_uri,
+            resume=not args.fresh,
+            log=_say,
+        )
     _say(result.format())
     return 0 if result.complete else 1
 
@@ -242,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":  # `puma-ray evaluate CHECKPOINT`: the model is what it is about
             p.add_argument("checkpoint", help="model.pt to evaluate (a local path or URI)")
         _common(p, config_positional=name != "evaluate")
-        if name in ("ingest", "score", "prune"):
+        if name in ("ingest", "score", "prune", "train"):
             p.add_argument("--force", action="store_true", help="redo even if up to date")
         if name == "score":
             p.add_argument(
@@ -274,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                 action="append",
                 default=[],
                 metavar="STAGE",
-                help="redo STAGE and everything after it (repeatable)",
+                help="redo STAGE and every stage that uses its output, discarding their "
+                "finished results (repeatable; stages: ingest, margin_model, score, prune, "
+                "train, evaluate, baseline_random, baseline_full)",
             )
             p.add_argument(
                 "--compare",

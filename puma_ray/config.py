@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from fractions import Fraction
 from typing import Annotated, Any, Literal
 
@@ -109,6 +110,8 @@ class NpzSource(Strict):
     type: Literal["npz"] = "npz"
     path: str
     source: Literal["real", "synthetic"] = "synthetic"
+    # which split the rows go to: a user's own test set needs no torchvision (ids: docs/data.md)
+    split: Literal["train", "test"] = "train"
     limit: PositiveInt | None = None  # take the first `limit` rows
     id_offset: NonNegInt | None = None
 
@@ -143,8 +146,25 @@ class DataConfig(Strict):
 # Model, training, evaluation.
 
 
+# The architectures puma_ray.models registers, listed here so that validating a config does not
+# import torch (tests/test_bad_input.py keeps this equal to the registry). Models a library user
+# registers are accepted too, once puma_ray.models is imported.
+MODEL_NAMES = ("preact_resnet18", "small_cnn", "wide_resnet", "wrn28_10", "wrn34_10", "wrn70_16")
+
+
+def _known_arch(name: str) -> str:
+    """Refuse a typo at config load, not in a Ray Train worker after ingest and scoring."""
+    known = set(MODEL_NAMES)
+    registry = sys.modules.get("puma_ray.models.registry")
+    if registry is not None:
+        known.update(registry.list_models())
+    if name not in known:
+        raise ValueError(f"unknown model {name!r} (known: {', '.join(sorted(known))})")
+    return name
+
+
 class ModelConfig(Strict):
-    arch: str = "small_cnn"  # a name in puma_ray.models.list_models()
+    arch: Annotated[str, AfterValidator(_known_arch)] = "small_cnn"  # see MODEL_NAMES
     kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to create_model
 
 
@@ -391,8 +411,35 @@ class RayConfig(Strict):
     use_gpu: bool = False
 
 
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def is_plain_name(name: str) -> bool:
+    """One path component of letters, digits, '.', '_', '-' (not '.' or '..')."""
+    return bool(name) and name not in (".", "..") and all(c in _NAME_CHARS for c in name)
+
+
+def check_plain_name(name: str, field: str) -> str:
+    """`name` if it is one plain folder name, else a ConfigError naming `field`."""
+    if not is_plain_name(name):
+        raise ConfigError(
+            f"{field}: must be a plain folder name: letters, digits, '.', '_', '-' (got {name!r})"
+        )
+    return name
+
+
+def _run_name(name: str) -> str:
+    """The run dir is `runs/<name>` and stages clear folders under it: one plain path component,
+    so a name cannot point the run dir (and what it clears) anywhere else."""
+    if not is_plain_name(name):
+        raise ValueError(
+            f"must be a plain folder name: letters, digits, '.', '_', '-' (got {name!r})"
+        )
+    return name
+
+
 class PipelineConfig(Strict):
-    name: str = "demo"
+    name: Annotated[str, AfterValidator(_run_name)] = "demo"
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -482,7 +529,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise ConfigError(f"--set {item}: {'.'.join(parts[: i + 1])} is not a section")
             node = nxt
         if isinstance(node, list):
-            node[int(parts[-1])] = value
+            try:
+                node[int(parts[-1])] = value
+            except (ValueError, IndexError):
+                n = len(node)
+                raise ConfigError(
+                    f"--set {item}: {parts[-1]!r} is not an index of {'.'.join(parts[:-1])} "
+                    f"(it has {n} item{'' if n == 1 else 's'})"
+                ) from None
         else:
             node[parts[-1]] = value
     return out
@@ -495,6 +549,14 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
             raw = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; give a pipeline YAML file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not a text file (byte {e.start} is not UTF-8); give a pipeline YAML file"
+        ) from None
+    except OSError as e:  # permissions, a FIFO, an I/O error
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

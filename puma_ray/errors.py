@@ -18,3 +18,11 @@ class DataError(PumaRayError):
 
 class CheckpointError(PumaRayError):
     """A model checkpoint is missing, corrupt, or does not match the dataset it is used with."""
+
+
+class RunDirLocked(PumaRayError):
+    """Another puma-ray process is writing the same run directory (it holds the run-dir lock)."""
+
+
+class OutputDirError(PumaRayError):
+    """An output directory holds files puma-ray did not write, so it may not be cleared."""

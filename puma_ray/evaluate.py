@@ -56,12 +56,14 @@ def robust_accuracy(
     restarts: int = 1,
     batch_size: int = 500,
     device: str | torch.device = "cpu",
+    seed: int = 0,
 ) -> tuple[float, float]:
     """(clean accuracy, PGD-`steps` robust accuracy) of `model` (put in eval mode) on x, y.
 
     x: [N, C, H, W] in [0, 1]; eps in [0, 1] pixel units. Robust accuracy counts a sample only
     when it is classified correctly and no restart finds an adversarial example, so it is never
-    above clean accuracy."""
+    above clean accuracy. Row i's random start in restart r comes from (seed, i, r) alone, so
+    the same model gives the same number whatever the batch size or what ran before."""
     model.eval()
     clean = robust = 0
     for i in range(0, len(x), batch_size):
@@ -70,11 +72,21 @@ def robust_accuracy(
             ok = model(xb).argmax(1) == yb
         clean += int(ok.sum())
         still = ok.clone()
-        for _ in range(restarts):
+        for r in range(restarts):
             idx = still.nonzero().flatten()
             if len(idx) == 0:
                 break
-            adv = pgd(model, xb[idx], yb[idx], eps, norm=norm, steps=steps, step_ratio=2.5 / steps)
+            rows = (idx.cpu() + i).to(torch.int64)
+            adv = pgd(
+                model,
+                xb[idx],
+                yb[idx],
+                eps,
+                norm=norm,
+                steps=steps,
+                step_ratio=2.5 / steps,
+                row_seeds=(seed * 1_000_003 + rows) * 64 + r,
+            )
             with torch.no_grad():
                 still[idx] = model(adv).argmax(1) == yb[idx]
         robust += int(still.sum())
@@ -154,12 +166,15 @@ def run_evaluate(
     """Evaluate `checkpoint` on `<run_dir>/data/test`; writes `<run_dir>/<name>/summary.json`
     and logs the accuracies to MLflow (child of `mlflow_parent_run_id` when given)."""
     from puma_ray import tracking
-    from puma_ray.models import load_checkpoint
+    from puma_ray.models import check_compatible, load_checkpoint
 
     start = time.perf_counter()
     ev, attack = cfg.evaluation, cfg.training.attack
     model, meta = load_checkpoint(checkpoint)
     _, test_uri = dataset_dirs(run_dir)
+    # as score does: a model for other classes or image sizes would print meaningless accuracies
+    info = open_dataset(test_uri).info
+    check_compatible(meta, info.num_classes, tuple(info.image_shape))
     x, y = load_test_subset(test_uri, ev.subset)
     clean, robust = robust_accuracy(
         model,
@@ -170,6 +185,7 @@ def run_evaluate(
         steps=ev.pgd_steps,
         restarts=ev.pgd_restarts,
         batch_size=ev.batch_size,
+        seed=cfg.seed,
     )
     summary = EvalSummary(
         checkpoint=str(checkpoint),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from puma_ray import storage
+from puma_ray import outputs, storage
 from puma_ray.config import (
     BuiltinSource,
     DataConfig,
@@ -101,15 +102,46 @@ def _where(i: int, src) -> str:
     return f"data.sources[{i}] ({src.type})"
 
 
-def _file_stamp(path: str) -> dict:
-    """Size and mtime: a replaced npz file invalidates the ingest even if its path did not."""
-    import pyarrow.fs as pafs
+def _file_stamp(path: str, run_dir: str) -> dict:
+    """The file's content hash: a file rewritten in place invalidates the ingest even if its
+    path, size and mtime did not change (hashes are cached in the run dir by file stat)."""
+    sha = storage.content_hash(path, cache_dir=run_dir)
+    return {"sha256": sha} if sha else {}
 
-    fs, p = storage.resolve(path)
-    info = fs.get_file_info(p)
-    if info.type == pafs.FileType.NotFound:
-        return {}
-    return {"size": info.size, "mtime_ns": info.mtime_ns}
+
+_CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+def _torchvision_files(src: TorchvisionSource) -> list[str]:
+    """The files torchvision reads for this set (both splits), sorted; [] if absent."""
+    import os
+
+    from puma_ray.data import torchvision_sets
+
+    root = torchvision_sets.root_dir(src)
+    if src.name == "svhn":
+        paths = [os.path.join(root, f"{s}_32x32.mat") for s in SPLITS]
+        return [p for p in paths if os.path.isfile(p)]
+    folder = os.path.join(root, _CIFAR_DIRS[src.name])
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder))
+
+
+def _source_stamp(src, run_dir: str) -> dict | None:
+    import os
+
+    if isinstance(src, NpzSource):
+        return _file_stamp(src.path, run_dir)
+    if isinstance(src, TorchvisionSource):
+        return {os.path.basename(f): _file_stamp(f, run_dir) for f in _torchvision_files(src)}
+    return None  # builtin reads no file
+
+
+def source_stamps(data: DataConfig, run_dir: str) -> list[dict | None]:
+    """Content hashes of the files each source reads: part of ingest's fingerprint, and what
+    `puma-ray run` compares to decide whether ingest is up to date."""
+    return [_source_stamp(src, run_dir) for src in data.sources]
 
 
 def _plan(data: DataConfig, run_dir: str) -> _Plan:
@@ -165,24 +197,29 @@ def _plan(data: DataConfig, run_dir: str) -> _Plan:
             reader = NpzArrays(src.path, limit=src.limit)
             shapes.append((f"{where} {src.path}", reader.image_shape))
             npz_readers.append((where, reader))
-            items["train"].append(
+            fields = common | {"file": _source_stamp(src, run_dir)}
+            if src.split == "train":  # the default: a config that omits it keeps its fingerprint
+                del fields["split"]
+            items[src.split].append(
                 _Item(
                     i,
                     "npz",
                     f"npz:{src.path}",
                     src.source,
                     reader.num_rows,
-                    offset,
+                    offset + builtin.PART_ID_BLOCK[src.split],
                     reader=reader,
-                    fingerprint_fields=common | {"file": _file_stamp(src.path)},
+                    fingerprint_fields=fields,
                 )
             )
         elif isinstance(src, TorchvisionSource):
             shapes.append((where, torchvision_sets.IMAGE_SHAPE))
             n_cls = torchvision_sets.NUM_CLASSES[src.name]
             names: list[str] | None = None
+            stamp = None
             for split in SPLITS:
                 arrays = torchvision_sets.load(src, split)
+                stamp = stamp or _source_stamp(src, run_dir)  # after load: the files exist
                 names = arrays.class_names
                 if arrays.num_rows == 0:
                     raise DataError(f"{where}: empty source ({src.name} {split} has 0 rows)")
@@ -202,7 +239,7 @@ def _plan(data: DataConfig, run_dir: str) -> _Plan:
                         fingerprint_fields={
                             k: v for k, v in common.items() if k not in {other, "download"}
                         }
-                        | {"split": split},
+                        | {"split": split, "files": stamp},
                     )
                 )
             declared.append((where, n_cls, names or []))
@@ -242,6 +279,11 @@ def _plan(data: DataConfig, run_dir: str) -> _Plan:
         splits.append(_Split(split, uri, items[split]))
     if splits[0].rows == 0:
         raise DataError("data.sources: no training rows (every source is empty for train)")
+    if splits[1].rows == 0:  # else every training run fails at its first evaluation
+        raise DataError(
+            "data.sources: no test rows (evaluation needs them); add an npz source with "
+            "`split: test`, a torchvision source, or builtin rows with real_test > 0"
+        )
     _check_id_ranges(data, splits)
     for s in splits:
         s.config_fingerprint = _fingerprint(
@@ -495,7 +537,14 @@ def run_ingest(
         else:
             todo.append(split)
     for split in todo:  # manifest first: an interrupted re-ingest never looks complete
-        shards.clear(split.uri)
+        outputs.clear(
+            split.uri,
+            "dataset",
+            legacy=_shard_set,
+            hint="choose another --run-dir",
+            first=(shards.MANIFEST,),
+            mark=False,
+        )
         storage.makedirs(split.uri)
 
     progress = _Progress(sum(s.rows for s in todo), sum(s.num_shards for s in todo), log)
@@ -561,6 +610,15 @@ def run_ingest(
         rows_written=sum(s.rows for s in todo),
         mode="ray tasks" if use_ray else "in-process",
     )
+
+
+_SHARD_FILE = re.compile(r"^\.?(part-\d{5,}\.parquet|dataset\.json)(\.tmp-[0-9a-f]{8})?$")
+
+
+def _shard_set(uri: str, names: set[str]) -> bool:
+    """A split directory is ours if it holds only what ingest writes (shards, their temp files,
+    dataset.json): it carries no marker, its listing is the shard set's own."""
+    return all(_SHARD_FILE.match(n) for n in names)
 
 
 def _existing(uri: str) -> shards.DatasetInfo | None:

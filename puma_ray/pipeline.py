@@ -1,11 +1,15 @@
 """`puma-ray run`: ingest → margin model → score → prune → train → evaluate, from one config.
 
-Each stage has an input fingerprint: a hash of the config sections it reads and of the
-fingerprints of the stages it consumes. `<run_dir>/pipeline.json` records the fingerprint of each
-finished stage (written after the stage's own manifest), so a rerun skips every stage whose
-fingerprint still matches and recomputes from the first changed one; downstream stages follow
-automatically because their fingerprints include it. `--force STAGE` redoes one stage (and
-therefore everything after it).
+Each stage has an input fingerprint: a hash of the config sections it reads, of the content of
+the files it reads from outside the run dir (npz / torchvision sources, a given margin-model
+checkpoint) and of the fingerprints of the stages it consumes. `<run_dir>/pipeline.json` records
+the fingerprint of each finished stage (written after the stage's own manifest), so a rerun skips
+every stage whose fingerprint still matches and recomputes from the first changed one; downstream
+stages follow automatically because their fingerprints include it. `--force STAGE` redoes that
+stage and every stage that consumes its output, discarding their finished results.
+
+The whole run holds the run-dir lock (`puma_ray.locking`): a second writer on the same run dir
+is refused, and temp files a killed run left in the run dir's folders are swept at the start.
 
 `compare: [random, full]` (or `--compare`) adds baseline stages after `evaluate`: the same
 recipe trained on a random subset of the same size, and on all the data; the end summary puts
@@ -56,17 +60,40 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
-    """What each stage's result depends on. Resources (Ray address, workers) are left out:
-    they change how fast a stage runs, not what it produces."""
+def input_stamps(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
+    """Content hashes of the files outside the run dir that stages read: npz and torchvision
+    sources, `margin_model.checkpoint`. sha256, cached in the run dir by file stat (size,
+    mtime, ctime, inode), so a large source is read again only when it changed."""
+    from puma_ray.ingest import source_stamps
+
+    out: dict[str, Any] = {}
+    sources = source_stamps(cfg.data, run_dir)
+    if any(s is not None for s in sources):
+        out["data"] = sources
+    if cfg.margin_model.checkpoint:
+        ckpt = cfg.margin_model.checkpoint
+        out["margin_checkpoint"] = storage.content_hash(ckpt, cache_dir=run_dir)
+    return out
+
+
+def stage_fingerprints(cfg: PipelineConfig, inputs: dict[str, Any] | None = None) -> dict[str, str]:
+    """What each stage's result depends on: the config sections it reads, the fingerprints of
+    the stages it consumes and (`inputs`, from `input_stamps`) the content of the files it
+    reads from outside the run dir, so a source or checkpoint replaced in place is noticed.
+    Resources (Ray address, workers) are left out: they change how fast a stage runs, not
+    what it produces."""
+    inputs = inputs or {}
     d = cfg.model_dump(mode="json")
     fp: dict[str, str] = {}
-    fp["ingest"] = _hash(d["data"])
+    # without external files (builtin data) the fingerprints are those of earlier versions
+    fp["ingest"] = _hash([d["data"], inputs["data"]] if "data" in inputs else d["data"])
     margin_inputs = (
         {"checkpoint": d["margin_model"]["checkpoint"]}
         if cfg.margin_model.checkpoint
         else {"model": d["margin_model"]["model"], "train": d["margin_model"]["train"]}
     )
+    if "margin_checkpoint" in inputs:
+        margin_inputs["sha256"] = inputs["margin_checkpoint"]
     fp["margin_model"] = _hash([fp["ingest"], margin_inputs, d["seed"]])
     fp["score"] = _hash([fp["margin_model"], d["scoring"]])
     fp["prune"] = _hash([fp["score"], d["pruning"], d["training"]["attack"]])
@@ -125,7 +152,13 @@ class PipelineState:
         self._write()
 
     def set_mlflow(self, tracking_uri: str, run_id: str, fingerprint: str) -> None:
-        self.mlflow = {"tracking_uri": tracking_uri, "run_id": run_id, "fingerprint": fingerprint}
+        from puma_ray.tracking import redact
+
+        self.mlflow = {
+            "tracking_uri": redact(tracking_uri),
+            "run_id": run_id,
+            "fingerprint": fingerprint,
+        }
         self._write()
 
     def _write(self) -> None:
@@ -301,8 +334,11 @@ class PipelineResult:
                 lines += ["", *("  " + t for t in r.table().splitlines())]
         lines.append(f"  artifacts        {self.run_dir}")
         if self.mlflow_run_id and self.tracking_uri:
-            lines.append(f"  MLflow           run {self.mlflow_run_id} in {self.tracking_uri}")
-            lines.append(f"  open it with     mlflow ui --backend-store-uri {self.tracking_uri}")
+            from puma_ray.tracking import redact
+
+            uri = redact(self.tracking_uri)
+            lines.append(f"  MLflow           run {self.mlflow_run_id} in {uri}")
+            lines.append(f"  open it with     mlflow ui --backend-store-uri {uri}")
         return "\n".join(lines)
 
 
@@ -319,7 +355,10 @@ def _parent_run(cfg: PipelineConfig, run_dir: str, state: PipelineState, fingerp
     if uri is None:
         return None
     saved = state.mlflow
-    same = saved.get("tracking_uri") == uri and saved.get("fingerprint") == fingerprint
+    same = (
+        saved.get("tracking_uri") == tracking.redact(uri)
+        and saved.get("fingerprint") == fingerprint
+    )
     resume = saved.get("run_id") if same else None
     run = tracking.start_run(
         cfg.tracking,
@@ -343,6 +382,16 @@ def _parent_run(cfg: PipelineConfig, run_dir: str, state: PipelineState, fingerp
     return run
 
 
+def _next_step(run) -> int:
+    """A rerun reopens the same parent run: it logs its summary at the next step, so no step
+    of a metric holds two values (every finished run logs `device_seconds`)."""
+    try:
+        history = run.client().get_metric_history(run.run_id, "device_seconds")
+    except Exception:  # tracking must never fail the pipeline
+        return 0
+    return max((m.step for m in history), default=-1) + 1
+
+
 def _log_parent(run, cfg: PipelineConfig, run_dir: str, result: PipelineResult, log) -> None:
     """Summary metrics, stage times, the resolved config and the report on the parent run."""
     import tempfile
@@ -352,7 +401,7 @@ def _log_parent(run, cfg: PipelineConfig, run_dir: str, result: PipelineResult, 
     report = result.report
     metrics = dict(report.metrics()) if report is not None else {}
     metrics.update({f"stage_seconds.{k}": v for k, v in result.stage_seconds.items()})
-    tracking.safe(run.log_metrics, metrics, 0, log=log)
+    tracking.safe(run.log_metrics, metrics, _next_step(run), log=log)
     with tempfile.TemporaryDirectory() as tmp:
         files = {
             "config.yaml": dump_yaml(cfg),
@@ -371,6 +420,41 @@ def _log_parent(run, cfg: PipelineConfig, run_dir: str, result: PipelineResult, 
             tracking.safe(run.log_artifact, path, "pipeline", log=log)
 
 
+# Stage folders of a run dir (those of `run` and of the single-stage commands): where a killed
+# run may have left temp files, swept by the next run while it holds the lock.
+STAGE_DIRS = (
+    "data/train",
+    "data/test",
+    "margin_model",
+    "scores",
+    "embeddings",
+    "extrapolated",
+    "kept",
+    "kept_random",
+    *(f"{kind}{suffix}" for kind in ("train", "evaluate") for suffix in ("", "_random", "_full")),
+)
+
+
+def _sweep_stale_tmp(run_dir: str, log) -> None:
+    """Remove the temp files a killed run left in this run dir's own folders (the caller holds
+    the run-dir lock, so no live writer owns them)."""
+    from puma_ray import outputs
+
+    own = ("pipeline.json", "report.json", storage.HASH_CACHE)
+    removed = outputs.remove_stale_tmp(run_dir, only=own)
+    for rel in STAGE_DIRS:
+        uri = storage.join(run_dir, *rel.split("/"))
+        if outputs.owned(uri):
+            removed += outputs.remove_stale_tmp(uri)
+    if removed:
+        log(f"run: removed {len(removed)} temp file(s) an interrupted run left in {run_dir}")
+
+
+def forced_stages(stages: tuple[str, ...], force: tuple[str, ...]) -> set[str]:
+    """`--force STAGE`: that stage and every stage that consumes its output (`_downstream`)."""
+    return {s for f in force for s in _downstream(stages, f)}
+
+
 def run_pipeline(
     cfg: PipelineConfig,
     run_dir: str,
@@ -378,11 +462,20 @@ def run_pipeline(
     force: tuple[str, ...] = (),
     log: Callable[[str], None] = print,
 ) -> PipelineResult:
+    """Run every stage not up to date (or forced) under the run-dir lock; see the module doc."""
     stages = stages_of(cfg)
     for stage in force:
         if stage not in stages:
             raise ConfigError(f"--force {stage}: unknown stage (stages: {', '.join(stages)})")
-    from puma_ray import tracking
+    from puma_ray.locking import run_dir_lock
+
+    # before Ray starts: a second `run` on the same run dir is refused at once
+    with run_dir_lock(run_dir, "run", log=log):
+        return _run_locked(cfg, run_dir, stages, forced_stages(stages, force), log)
+
+
+def _run_locked(cfg, run_dir, stages, forced: set[str], log) -> PipelineResult:
+    from puma_ray import outputs, tracking
     from puma_ray.evaluate import run_evaluate
     from puma_ray.ingest import run_ingest
     from puma_ray.prune import run_prune
@@ -391,81 +484,78 @@ def run_pipeline(
     from puma_ray.train import run_train
 
     begin = time.perf_counter()
-    ensure_ray(cfg.ray)
     storage.makedirs(run_dir)
-    fps = stage_fingerprints(cfg)
+    _sweep_stale_tmp(run_dir, log)
+    fps = stage_fingerprints(cfg, input_stamps(cfg, run_dir))
+    ensure_ray(cfg.ray)
     state = PipelineState(run_dir)
     result = PipelineResult(run_dir=run_dir)
     parent = _parent_run(cfg, run_dir, state, _hash([fps[s] for s in stages]), log)
     pid = parent.run_id if parent is not None else None
     if parent is not None:
         result.mlflow_run_id, result.tracking_uri = parent.run_id, parent.tracking_uri
-    redo_from = min((stages.index(s) for s in force), default=len(stages))
 
-    def train_and_evaluate(c: PipelineConfig, dataset: str, suffix: str, kept: str | None):
-        run_train(
-            c,
-            run_dir,
-            dataset=dataset,
-            name=f"train{suffix}",
-            kept_dir=kept,
-            mlflow_parent_run_id=pid,
-            log=log,
+    def own(name: str) -> str:
+        """Mark a train / evaluate folder as this run's (its stale temp files are then swept);
+        a folder holding someone else's files is left unmarked."""
+        uri = storage.join(run_dir, name)
+        if not storage.exists(uri) or outputs.owned(uri):
+            outputs.claim(uri, "evaluate" if name.startswith("evaluate") else "train")
+        return name
+
+    def train(c: PipelineConfig, f: bool, **kwargs):
+        name = own(kwargs.pop("name"))
+        return run_train(
+            c, run_dir, name=name, force=f, mlflow_parent_run_id=pid, log=log, **kwargs
         )
+
+    def evaluate(c: PipelineConfig, suffix: str):
+        # evaluate has no skip of its own: it always measures the model it is given
         model = storage.join(run_dir, f"train{suffix}", "model.pt")
-        name = f"evaluate{suffix}"
+        name = own(f"evaluate{suffix}")
         return run_evaluate(c, run_dir, model, name=name, mlflow_parent_run_id=pid, log=log)
 
     def baseline_random(f: bool):
         c = random_baseline_config(cfg)
         kept = storage.join(run_dir, "kept_random")
         log(run_prune(c, run_dir, force=f, out_dir=kept, log=log).format())
-        return train_and_evaluate(c, "kept", "_random", kept)
+        train(c, f, dataset="kept", name="train_random", kept_dir=kept)
+        return evaluate(c, "_random")
+
+    def baseline_full(f: bool):
+        train(cfg, f, dataset="full", name="train_full")
+        return evaluate(cfg, "_full")
 
     def stage_fn(name: str) -> Callable[[bool], Any]:
         return {
             "ingest": lambda f: run_ingest(cfg, run_dir, parallel=True, force=f, log=log),
+            # a given checkpoint is an input, not work: its content is in the fingerprints
             "margin_model": lambda f: (
                 None
                 if cfg.margin_model.checkpoint
-                else run_train(
-                    margin_model_config(cfg),
-                    run_dir,
-                    dataset="full",
-                    name="margin_model",
-                    mlflow_parent_run_id=pid,
-                    log=log,
-                )
+                else train(margin_model_config(cfg), f, dataset="full", name="margin_model")
             ),
             "score": lambda f: run_score(cfg, run_dir, force=f, log=log),
             "prune": lambda f: run_prune(cfg, run_dir, force=f, log=log),
-            "train": lambda f: run_train(
-                cfg, run_dir, dataset="kept", name="train", mlflow_parent_run_id=pid, log=log
-            ),
-            "evaluate": lambda f: run_evaluate(
-                cfg,
-                run_dir,
-                checkpoint=storage.join(run_dir, "train", "model.pt"),
-                mlflow_parent_run_id=pid,
-                log=log,
-            ),
+            "train": lambda f: train(cfg, f, dataset="kept", name="train"),
+            "evaluate": lambda f: evaluate(cfg, ""),
             "baseline_random": baseline_random,
-            "baseline_full": lambda f: train_and_evaluate(cfg, "full", "_full", None),
+            "baseline_full": baseline_full,
         }[name]
 
     status = "FAILED"
     try:
-        for i, name in enumerate(stages):
-            if state.is_current(name, fps[name]) and i < redo_from:
+        for name in stages:
+            if state.is_current(name, fps[name]) and name not in forced:
                 result.skipped.append(name)
                 log(f"[{name}] up to date, skipped")
                 continue
             state.invalidate(_downstream(stages, name))
             log(f"[{name}] running")
             start = time.perf_counter()
-            # Only an explicit --force wipes a stage's output; otherwise the stage's own manifest
-            # and fingerprint logic resumes what an interrupted run finished (e.g. scored shards).
-            summary = stage_fn(name)(name in force)
+            # Only --force wipes a stage's output (and that of every stage after it); otherwise
+            # the stage's own manifest logic resumes what an interrupted run finished.
+            summary = stage_fn(name)(name in forced)
             result.stage_seconds[name] = time.perf_counter() - start
             result.summaries[name] = summary
             # train and evaluate print their own tables; the others return theirs
@@ -490,7 +580,7 @@ def run_pipeline(
                         "skipped": result.skipped,
                         "wall_s": result.wall_s,
                         "mlflow_run_id": result.mlflow_run_id,
-                        "tracking_uri": result.tracking_uri,
+                        "tracking_uri": tracking.redact(result.tracking_uri),
                     },
                     indent=1,
                 ).encode(),

@@ -13,6 +13,8 @@ Output `<run_dir>/kept/` (DESIGN.md "Kept set"):
                      written under a hidden temp name and renamed
   margin_hist.png    kept vs pruned margins per source
   manifest.json      written last: strategy, parameters, cut keys, counts, input fingerprints
+  .puma-ray-output   the marker that makes the folder prune's to replace (`puma_ray.outputs`);
+                     an `--out-dir` holding anything else is refused, never cleared
 
 For `extrapolated`, `<run_dir>/extrapolated/` holds every row's margin (exact for the scored
 subset, k-NN mean otherwise) with its own manifest, reused while its inputs are unchanged.
@@ -42,7 +44,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from puma_ray import selection, storage
+from puma_ray import outputs, selection, storage
 from puma_ray.config import PipelineConfig
 from puma_ray.errors import ConfigError, DataError, PumaRayError
 from puma_ray.selection import SelectionParams
@@ -53,6 +55,14 @@ MANIFEST = "manifest.json"
 SOURCES = ("real", "synthetic")
 STATUSES = ("kept", "eps_adjusted", "pruned")  # kept = kept with the base epsilon
 HIST_EDGES = np.concatenate([[0.0], np.geomspace(1e-4, 1e2, 121)])  # ~12% wide bins
+
+
+# What a kept / extrapolated folder of a version before the output marker holds: its manifest,
+# or (interrupted) only shard files, their temp files and the histogram.
+_OWN_PARTS = outputs.only_files(
+    r"\.?(part-\d{5,}\.parquet|margin_hist\.png)(\.tmp-[0-9a-f]{8})?|manifest\.json\.tmp-[0-9a-f]{8}"
+)
+_KEPT_LEGACY = outputs.either(outputs.manifest_with(format=FORMAT), _OWN_PARTS)
 
 
 def kept_dir(run_dir: str) -> str:
@@ -602,6 +612,9 @@ def _extrapolate(
         f"prune: extrapolating margins of {rows - scored} rows from {scored} scored rows "
         f"(k={ex.k}, {stats[0]['dim']}-dim embeddings)"
     )
+    owner = outputs.either(outputs.manifest_with(format=EXTRAPOLATED_FORMAT), _OWN_PARTS)
+    outputs.check_clearable(out_dir, "extrapolated", legacy=owner, hint="choose another --run-dir")
+    outputs.claim(out_dir, "extrapolated")
     storage.delete(manifest_path)
     check = np.zeros(7)
     for res in _map(_extrapolate_task, jobs, (ref, *args, ex.k), use_ray):
@@ -796,6 +809,9 @@ def run_prune(
     from puma_ray.data import dataset_dirs, open_dataset
 
     p = cfg.pruning
+    out_dir = out_dir or kept_dir(run_dir)
+    # before any work: a kept set replaces only a directory that is ours (or empty / new)
+    outputs.check_clearable(out_dir, "kept", legacy=_KEPT_LEGACY)
     try:
         params = SelectionParams.from_config(p, cfg.training.attack.epsilon)
     except ValueError as e:
@@ -829,7 +845,6 @@ def run_prune(
         "scoring_norm": scoring_norm,
     }
     fingerprint = _fingerprint({"format": FORMAT, "inputs": fps, "parameters": parameters})
-    out_dir = out_dir or kept_dir(run_dir)
     manifest_path = storage.join(out_dir, MANIFEST)
     old = _read_manifest(manifest_path) if not force else None
     if old is not None and old.get("fingerprint") == fingerprint:
@@ -856,9 +871,7 @@ def run_prune(
     )
 
     # Inputs are valid: replace the old kept set, manifest first so it never looks complete.
-    storage.delete(manifest_path)
-    storage.delete(out_dir)
-    storage.makedirs(out_dir)
+    outputs.clear(out_dir, "kept", legacy=_KEPT_LEGACY)
     totals = _Totals(info.num_classes)
     for stats in _map(_write_task, shards, (params, cuts, info.num_classes, out_dir), use_ray):
         totals.add(stats)

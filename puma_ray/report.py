@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass, field
 
 from puma_ray.errors import PumaRayError
+from puma_ray.tracking import redact
 
 PLOTS = ("pareto.png", "robust_vs_ratio.png", "compute.png", "curves.png")
 _EPS_KEYS = ("pruning.eps_scale", "pruning.eps_quantile", "pruning.eps_alpha")
@@ -199,7 +200,7 @@ def _client(tracking_uri: str):
     db = sqlite_path(tracking_uri)
     if db is not None and not os.path.exists(db):
         # MlflowClient would create an empty store there and then find nothing
-        raise ReportError(f"{tracking_uri}: no MLflow store at {db}")
+        raise ReportError(f"{redact(tracking_uri)}: no MLflow store at {db}")
     return MlflowClient(tracking_uri=tracking_uri)
 
 
@@ -241,12 +242,14 @@ def load_report(
             exp = None
     if exp is None:
         names = ", ".join(repr(e.name) for e in client.search_experiments()) or "none"
-        raise ReportError(f"no experiment {experiment!r} in {tracking_uri} (experiments: {names})")
+        raise ReportError(
+            f"no experiment {experiment!r} in {redact(tracking_uri)} (experiments: {names})"
+        )
     if parent_run_id:
         try:
             parent = client.get_run(parent_run_id)
         except Exception:
-            raise ReportError(f"{tracking_uri}: no run {parent_run_id}") from None
+            raise ReportError(f"{redact(tracking_uri)}: no run {parent_run_id}") from None
     else:
         found = client.search_runs(
             [exp.experiment_id],
@@ -256,7 +259,8 @@ def load_report(
         )
         if not found:
             raise ReportError(
-                f"experiment {exp.name!r} in {tracking_uri} has no sweep (run `puma-ray sweep`)"
+                f"experiment {exp.name!r} in {redact(tracking_uri)} has no sweep "
+                "(run `puma-ray sweep`)"
             )
         parent = found[0]
     p = parent.data.params

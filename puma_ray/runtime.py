@@ -30,6 +30,28 @@ def ensure_ray(ray_cfg: RayConfig) -> None:
     ctx.print_on_execution_start = False
 
 
+def read_parquet(paths, **kwargs):
+    """`ray.data.read_parquet` that verifies every page's CRC, as the project's other readers
+    do (the shards are written with page checksums): without it a flipped byte in a shard is
+    read silently as a different image. Score and train read their shards through this.
+
+    The option travels as the scan's `fragment_scan_options`, which the V1 Parquet datasource
+    (the one `ensure_ray` selects) hands to every fragment read; the buffered-stream settings
+    are the ones Ray would otherwise pass there itself."""
+    import pyarrow.dataset as pds
+    import ray
+
+    options = pds.ParquetFragmentScanOptions(
+        page_checksum_verification=True, use_buffered_stream=True, buffer_size=8 * 2**20
+    )
+    return ray.data.read_parquet(paths, fragment_scan_options=options, **kwargs)
+
+
+def is_checksum_error(e: BaseException) -> bool:
+    """Whether `e` (or the Ray error wrapping it) is a failed Parquet page checksum."""
+    return "checksum verification failed" in str(e)
+
+
 def _init(ray_cfg: RayConfig) -> None:
     import ray
 

@@ -5,6 +5,7 @@ Layout of `<run_dir>/scores/` (and `embeddings/`, same scheme):
                            settings, dataset fingerprint); written before any score
   shard=part-00000/*.parquet   score rows of input shard part-00000 (Ray Data hive partitioning)
   manifest.json            written last, only after the exactly-once check passed
+  .puma-ray-output         the marker that lets score clear the folder (`puma_ray.outputs`)
 
 Resuming: a rerun keeps each shard directory whose rows match its input shard's ids exactly and
 scores only the rest, in one streaming pass. Changed settings discard all old scores. A scorer
@@ -26,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from puma_ray import storage
+from puma_ray import locking, outputs, storage
 from puma_ray.config import PipelineConfig
 from puma_ray.errors import CheckpointError, DataError, PumaRayError
 
@@ -448,7 +449,7 @@ def run_score(
 
 
 def _score_pass(cfg, dataset, ckpt, out_dir, state, *, force, log, kind, every) -> ScoreSummary:
-    import ray
+    from puma_ray.runtime import read_parquet
 
     state_fp = _fingerprint(state)
     manifest_path = storage.join(out_dir, "manifest.json")
@@ -458,13 +459,22 @@ def _score_pass(cfg, dataset, ckpt, out_dir, state, *, force, log, kind, every) 
         manifest = json.loads(storage.read_bytes(manifest_path))
         if manifest.get("state_fingerprint") == state_fp:
             return ScoreSummary(**{**manifest["summary"], "skipped_stage": True})
+    # Only a directory holding our marker (or, from before markers, our manifest or state) is
+    # cleared or written into: a run dir pointed at someone's folder must not lose their files.
+    mark = "scores" if kind == "margins" else kind
+    owner = {"legacy": _legacy(kind), "hint": "choose another --run-dir"}
     if storage.exists(state_path) and not force:
         old = json.loads(storage.read_bytes(state_path))
         if old.get("fingerprint") != state_fp:
             log(f"{kind}: margin model, dataset or DeepFool settings changed: discarding {out_dir}")
-            storage.delete(out_dir)
+            force = True
     if force:
-        storage.delete(out_dir)
+        outputs.clear(out_dir, mark, **owner)
+    else:
+        outputs.check_clearable(out_dir, mark, **owner)
+        outputs.claim(out_dir, mark)
+        if locking.covers(out_dir):  # the lock holder: temp files here are a killed run's
+            outputs.remove_stale_tmp(out_dir)
     storage.delete(manifest_path)  # from here on the directory is "in progress"
     storage.atomic_write_bytes(state_path, json.dumps({**state, "fingerprint": state_fp}).encode())
 
@@ -492,8 +502,9 @@ def _score_pass(cfg, dataset, ckpt, out_dir, state, *, force, log, kind, every) 
             fn, kwargs = EmbeddingScorer, {}
         fs, out_path = storage.resolve(out_dir)
         # Reads and writes are I/O: they take no CPU slot, so an actor pool that fills every CPU
-        # cannot starve them (which would deadlock the stream on a small cluster).
-        ds = ray.data.read_parquet(todo, include_paths=True, num_cpus=0).select_columns(
+        # cannot starve them (which would deadlock the stream on a small cluster). The read
+        # verifies page checksums, as every other reader of the shards does.
+        ds = read_parquet(todo, include_paths=True, num_cpus=0).select_columns(
             ["id", "image", "label", "source", "path"]
         )
         with _RateLine(rows_todo, kind, log, every) as rate, warnings.catch_warnings():
@@ -557,6 +568,24 @@ def _score_pass(cfg, dataset, ckpt, out_dir, state, *, force, log, kind, every) 
     }
     storage.atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2).encode())
     return summary
+
+
+def _legacy(kind: str):
+    """Recognises a scores / embeddings directory written before markers existed."""
+
+    def test(uri: str, names: set[str]) -> bool:
+        for name in ("manifest.json", "state.json"):
+            if name in names:
+                try:
+                    body = json.loads(storage.read_bytes(storage.join(uri, name)))
+                except (OSError, ValueError):
+                    continue
+                body = body.get("state", body) if name == "manifest.json" else body
+                if "dataset_fingerprint" in body and ("deepfool" in body) == (kind == "margins"):
+                    return True
+        return False
+
+    return test
 
 
 def _verify_and_summarise(out_dir: str, expected: dict[str, np.ndarray], kind: str) -> dict:

@@ -38,13 +38,19 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
     scheme, rest = uri.split("://", 1)
-    if scheme in _BUCKET_SCHEMES and rest and not any(c in rest for c in "?#%"):
-        bucket = rest.split("/", 1)[0]
-        return _bucket_filesystem(scheme, bucket), rest.rstrip("/")
     try:
+        if scheme in _BUCKET_SCHEMES and rest and not any(c in rest for c in "?#%"):
+            bucket = rest.split("/", 1)[0]
+            return _bucket_filesystem(scheme, bucket), rest.rstrip("/")
         return pafs.FileSystem.from_uri(uri)
     except pa.ArrowInvalid as e:  # e.g. an unescaped space: file:///a b is file:///a%20b
         raise ConfigError(f"{uri}: not a URI pyarrow can open ({e})") from None
+    except OSError as e:  # hdfs:// without libhdfs/a JVM, an unreachable endpoint
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ConfigError(
+            f"{uri}: cannot reach the {scheme}:// filesystem from here ({reason}); "
+            "use a local path, NFS, s3:// or gs://"
+        ) from None
 
 
 def local_path(uri: str | os.PathLike) -> str | None:
@@ -121,3 +127,64 @@ def list_files(uri: str | os.PathLike, suffix: str = "") -> list[str]:
     fs, path = resolve(uri)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+
+HASH_CACHE = ".puma-ray-hashes.json"
+
+
+def _stat_key(uri: str) -> list | None:
+    """What changes whenever a file's bytes do: size and mtime, plus (locally) ctime and inode,
+    which a rewrite changes even when it restores the mtime. None if the file does not exist."""
+    local = local_path(uri)
+    if local is not None:
+        try:
+            st = os.stat(local)
+        except OSError:  # absent or unreadable: the stage reading it says so in its own words
+            return None
+        return [local, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    fs, path = resolve(uri)
+    try:
+        info = fs.get_file_info(path)
+    except OSError:  # unreachable or forbidden: the stage reading it says so in its own words
+        return None
+    if info.type != pafs.FileType.File:
+        return None
+    return [os.fspath(uri), info.size, info.mtime_ns]
+
+
+def content_hash(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str | None:
+    """sha256 of a file's bytes (streamed), None if it does not exist or cannot be read.
+
+    With `cache_dir`, the hash is kept in `<cache_dir>/.puma-ray-hashes.json` under the file's
+    size, mtime, ctime and inode, so an unchanged multi-GB source is not read again on every
+    run, while a file rewritten in place (even with its old mtime) is."""
+    import hashlib
+    import json
+
+    uri = os.fspath(uri)
+    key = _stat_key(uri)
+    if key is None:
+        return None
+    cache_uri = join(cache_dir, HASH_CACHE) if cache_dir is not None else None
+    cache: dict = {}
+    if cache_uri is not None and exists(cache_uri):
+        try:
+            cache = json.loads(read_bytes(cache_uri))
+        except ValueError:
+            cache = {}
+    hit = cache.get(key[0])
+    if hit and hit.get("stat") == key:
+        return hit["sha256"]
+    digest = hashlib.sha256()
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            while chunk := f.read(8 << 20):
+                digest.update(chunk)
+    except OSError:  # unreadable: the stage reading it says so in its own words
+        return None
+    sha = digest.hexdigest()
+    if cache_uri is not None and _stat_key(uri) == key:  # not modified while it was read
+        cache[key[0]] = {"stat": key, "sha256": sha}
+        atomic_write_bytes(cache_uri, json.dumps(cache, indent=1).encode())
+    return sha

@@ -3,8 +3,11 @@
 MLflow 3 defaults to `sqlite:///mlflow.db` in the *current* directory, and an experiment created
 inside a Ray worker gets its artifact root under that worker's ephemeral CWD. So the store and the
 artifact root are always absolute paths decided on the driver, and the experiment is created
-there (see /work/shared/notes/ray-mlflow.md §4). Workers receive only a tracking URI and a run id
-and log through `MlflowClient`, which keeps no process-global "active run" state.
+there. Workers receive only a tracking URI and a run id and log through `MlflowClient`, which
+keeps no process-global "active run" state.
+
+A tracking URI may carry credentials (`http://user:password@host`, `?token=...`); anything that
+prints or stores one goes through `redact` first.
 
 Tracking is on by default; `tracking.tracking_uri: none` (or `off`) turns it off, and a missing
 or broken MLflow install degrades to a one-line warning rather than failing a training run.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +25,27 @@ from puma_ray import storage
 from puma_ray.config import TrackingConfig
 
 DISABLED_URIS = ("none", "off", "false", "disabled")
+# Query parameters whose values are secrets (matched as substrings, case-insensitively).
+SECRET_PARAMS = ("token", "password", "passwd", "pwd", "secret", "key", "auth", "credential", "sig")
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/?#@\s]+@")
+_PARAM = re.compile(r"(?P<lead>[?&;])(?P<name>[^=&;#\s]+)=[^&;#\s]*")
+
+
+def redact(uri: str | None) -> str | None:
+    """`uri` (or any text holding URIs) with the credentials replaced by `***`: the user:password
+    of the netloc and the values of query parameters named like token, password, secret or key.
+    For everything that prints or stores a tracking URI (logs, pipeline.json, reports)."""
+    if not uri:
+        return uri
+    from urllib.parse import unquote
+
+    def param(m: re.Match) -> str:
+        name = unquote(m["name"]).lower()
+        if any(s in name for s in SECRET_PARAMS):
+            return f"{m['lead']}{m['name']}=***"
+        return m.group(0)
+
+    return _PARAM.sub(param, _USERINFO.sub(r"\g<scheme>***@", uri))
 
 
 def _local_base(run_dir: str | None) -> str:
@@ -55,10 +80,14 @@ def artifact_location(cfg: TrackingConfig, run_dir: str | None) -> str | None:
 
 @dataclass(frozen=True)
 class RunHandle:
-    """What a worker needs to log into a run created on the driver (picklable)."""
+    """What a worker needs to log into a run created on the driver (picklable). Its repr
+    redacts the URI, so a handle in a log line or an error message leaks no credentials."""
 
     tracking_uri: str
     run_id: str
+
+    def __repr__(self) -> str:
+        return f"RunHandle(tracking_uri={redact(self.tracking_uri)!r}, run_id={self.run_id!r})"
 
     def client(self):
         from mlflow.tracking import MlflowClient
@@ -67,24 +96,42 @@ class RunHandle:
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         """Log the finite numeric values of `metrics` at `step`."""
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [
-            Metric(k, float(v), now, step)
-            for k, v in metrics.items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-        ]
+        items = _metric_items(metrics, step)
         if items:
             self.client().log_batch(self.run_id, metrics=items)
+
+    def log_new_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        """`log_metrics`, leaving out each key already logged at `step` or a later step. A
+        training attempt that resumes from an older checkpoint reruns epochs an earlier attempt
+        may have logged; MLflow would keep both points, so the history would count them twice."""
+        client = self.client()
+        items = [
+            m
+            for m in _metric_items(metrics, step)
+            if all(h.step < step for h in client.get_metric_history(self.run_id, m.key))
+        ]
+        if items:
+            client.log_batch(self.run_id, metrics=items)
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self.client().log_artifact(self.run_id, path, artifact_path)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client().set_terminated(self.run_id, status)
+
+
+def _metric_items(metrics: dict[str, Any], step: int) -> list:
+    """MLflow `Metric`s of the finite numeric values of `metrics` (booleans are not metrics)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [
+        Metric(k, float(v), now, step)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    ]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -147,7 +194,10 @@ def start_run(
                 client.log_batch(handle.run_id, params=items[i : i + 100])
         return handle
     except Exception as e:  # tracking must never take a training run down with it
-        log(f"warning: MLflow tracking disabled for this run ({type(e).__name__}: {e})")
+        log(
+            f"warning: MLflow tracking disabled for this run ({type(e).__name__}: "
+            f"{redact(str(e))}) [store {redact(uri)}]"
+        )
         return None
 
 
@@ -155,8 +205,8 @@ def safe(fn, *args, log=print, **kwargs) -> None:
     """Call a logging function; a failure becomes a warning."""
     try:
         fn(*args, **kwargs)
-    except Exception as e:
-        log(f"warning: MLflow logging failed ({type(e).__name__}: {str(e)[:200]})")
+    except Exception as e:  # its message may quote the tracking URI
+        log(f"warning: MLflow logging failed ({type(e).__name__}: {redact(str(e))[:200]})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,7 +215,7 @@ def safe(fn, *args, log=print, **kwargs) -> None:
 
 def absolute_uri(uri: str) -> str:
     """`sqlite:///rel/path.db` made absolute against this process's CWD; other URIs as given.
-    Tune trials and Train workers run in other directories (notes §2.4), so a relative sqlite
+    Tune trials and Train workers run in other directories, so a relative sqlite
     path would give each of them its own empty store."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):

@@ -21,10 +21,14 @@ process when `ray.num_workers == 0` (for debugging), through the same `_Session`
   optional EMA of the weights with the usual warm-up decay min(d, (1+t)/(10+t)).
 - Epoch length follows the dataset (kept-set) size, so pruning saves compute, or is a fixed
   number of samples (`epoch_length: fixed`); `eps_warmup_epochs` ramps every sample's eps in.
+- `training.batch_size` is the global batch, split equally over the workers (a batch that does
+  not split is refused), so the batch and the lr schedule's steps do not depend on the worker
+  count (`batch_plan`); checkpoints record them, and a resume that would change them is refused.
 - Every epoch all ranks call `ray.train.report(metrics, checkpoint)`; only rank 0 writes the
-  checkpoint (model, EMA, optimiser, scheduler, epoch, torch RNG, metric history). The Ray run is
-  named `<name>-<fingerprint of every input>`, so rerunning the same inputs resumes from the last
-  checkpoint (or is a no-op once `summary.json` exists) and changed inputs never resume a stale one.
+  checkpoint (model, EMA, optimiser, scheduler, epoch, torch RNG, metric history, batch plan).
+  The Ray run is named `<name>-<fingerprint of every input>`, so rerunning the same inputs
+  resumes from the last checkpoint (or is a no-op once `summary.json` exists), changed inputs
+  never resume a stale one, and `force=True` deletes the run's checkpoints and starts over.
 """
 
 from __future__ import annotations
@@ -56,6 +60,9 @@ from puma_ray.data import SOURCES, dataset_dirs, decode_images, open_dataset
 from puma_ray.errors import ConfigError, PumaRayError
 
 STATE_FILE = "state.pt"
+# Beside STATE_FILE in every checkpoint: its epoch and batch plan, small enough for the driver to
+# read before it resumes (state.pt holds the weights and the optimiser).
+META_FILE = "plan.json"
 
 
 class TrainingError(PumaRayError):
@@ -195,27 +202,85 @@ def epoch_plan(source_rows: dict[str, int], tcfg: TrainingConfig, world: int) ->
     """Per-worker batches and steps per epoch for `source_rows` ({"real": n, "synthetic": m}
     rows of the training set) on `world` workers.
 
+    `training.batch_size` is the global batch; it must split equally over the workers (a
+    ConfigError otherwise: with unequal shares the DDP ranks would wait on each other).
     With both sources present and `real_fraction` set, every batch holds round(f*b) real rows
     and the rest synthetic, each drawn from its own stream that restarts when it runs out (the
-    0.3 real : 0.7 synthetic batches of Wang et al. 2023, arXiv:2302.04638). An epoch is then a
+    0.3 real : 0.7 synthetic batches of Wang et al. 2023, arXiv:2302.04638); when the workers
+    cannot share those real rows equally each takes round(f*b/n). An epoch is then a
     number of steps: as many samples as the set has (`epoch_length: kept`, so pruning saves
     compute), or `samples_per_epoch` (`fixed`; Wang et al. count 50k). Without mixing and with
     `kept`, an epoch is exactly one pass."""
-    per_worker = max(1, tcfg.batch_size // world)
+    if tcfg.batch_size % world:
+        raise ConfigError(
+            f"training.batch_size={tcfg.batch_size} is not a multiple of ray.num_workers={world}: "
+            "the global batch must split equally over the workers"
+        )
+    per_worker = tcfg.batch_size // world
     rows = sum(source_rows.values())
     mixed = tcfg.real_fraction is not None and all(source_rows.get(s, 0) > 0 for s in SOURCES)
     if mixed:
-        n_real = round(tcfg.real_fraction * per_worker)
+        n_real = round(tcfg.real_fraction * tcfg.batch_size)
+        n_real = n_real // world if n_real % world == 0 else round(tcfg.real_fraction * per_worker)
         batch = {"real": n_real, "synthetic": per_worker - n_real}
         batch = {k: v for k, v in batch.items() if v > 0}
     else:
         batch = {"train": per_worker}
-    global_batch = per_worker * world
+    global_batch = tcfg.batch_size
     if tcfg.epoch_length == "fixed":
         return EpochPlan(batch, max(1, math.ceil(tcfg.samples_per_epoch / global_batch)))
     if mixed:
         return EpochPlan(batch, max(1, math.ceil(rows / global_batch)))
     return EpochPlan(batch, None)
+
+
+def schedule_steps(num_rows: int, tcfg: TrainingConfig) -> tuple[int, int]:
+    """(steps per epoch, total steps) that the lr schedule and the warm-ups count: from the
+    set's size (or `samples_per_epoch`) and the global batch only. No worker count goes in, so a
+    run resumed on other workers keeps its schedule."""
+    samples = tcfg.samples_per_epoch if tcfg.epoch_length == "fixed" else num_rows
+    per_epoch = max(1, math.ceil(samples / tcfg.batch_size))
+    return per_epoch, per_epoch * tcfg.epochs
+
+
+def batch_plan(
+    source_rows: dict[str, int], num_rows: int, tcfg: TrainingConfig, world: int
+) -> dict[str, Any]:
+    """What a checkpoint records of how it was trained and a resume must not change: the global
+    batch, its rows per stream, and the lr schedule's steps (`workers` is for the message)."""
+    plan = epoch_plan(source_rows, tcfg, world)
+    per_epoch, total = schedule_steps(num_rows, tcfg)
+    return {
+        "global_batch": tcfg.batch_size,
+        "rows_per_step": {k: v * world for k, v in plan.batch.items()},
+        "steps_per_epoch": per_epoch,
+        "total_steps": total,
+        "workers": world,
+    }
+
+
+_PLAN_KEYS = ("global_batch", "rows_per_step", "steps_per_epoch", "total_steps")
+
+
+def check_resume(saved: dict | None, current: dict, where: str) -> None:
+    """Refuse to resume a checkpoint whose batch plan differs from this run's (e.g. another
+    worker count that splits the real rows of a mixed batch differently): the optimiser and lr
+    schedule would silently continue with another recipe. Checkpoints without a plan pass."""
+    if not saved or all(saved.get(k) == current.get(k) for k in _PLAN_KEYS):
+        return
+
+    def describe(p: dict) -> str:
+        rows = " + ".join(f"{n} {k}" for k, n in sorted(p.get("rows_per_step", {}).items()))
+        return (
+            f"a global batch of {p.get('global_batch')} ({rows} rows per step) and "
+            f"{p.get('total_steps')} lr-schedule steps"
+        )
+
+    raise TrainingError(
+        f"{where}: this checkpoint was trained on {saved.get('workers')} workers with "
+        f"{describe(saved)}, but ray.num_workers={current['workers']} gives {describe(current)}; "
+        f"resume with ray.num_workers={saved.get('workers')}, or start over with --force"
+    )
 
 
 def eps_factor(step: int, warmup_steps: int) -> float:
@@ -298,6 +363,14 @@ def _load_state(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _write_meta(directory: str, state: dict) -> None:
+    meta = {"epoch": int(state["epoch"]), "batch_plan": state.get("batch_plan")}
+    tmp = os.path.join(directory, META_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f)
+    os.replace(tmp, os.path.join(directory, META_FILE))
+
+
 class _RaySession(_Session):
     def __init__(self):
         import ray.train
@@ -336,6 +409,7 @@ class _RaySession(_Session):
             ckpt = None
             if self.rank == 0 and state is not None:
                 torch.save(state, os.path.join(d, STATE_FILE))
+                _write_meta(d, state)
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)
 
@@ -372,6 +446,7 @@ class _LocalSession(_Session):
             tmp = os.path.join(self.ckpt_dir, STATE_FILE + ".tmp")
             torch.save(state, tmp)
             os.replace(tmp, os.path.join(self.ckpt_dir, STATE_FILE))
+            _write_meta(self.ckpt_dir, state)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,11 +528,14 @@ def stream_files(
     return out
 
 
-def _maybe_fail(config: dict, session: _Session, epoch: int) -> None:
-    """Test hook: kill rank `fail.rank` once, after the first step of epoch `fail.epoch` (a few
-    seconds in, so the previous epoch's checkpoint has been registered, as for a real death)."""
+def _maybe_fail(config: dict, session: _Session, epoch: int, at: str = "step") -> None:
+    """Test hook: kill rank `fail.rank` once in epoch `fail.epoch`, a few seconds after its first
+    step (so the previous epoch's checkpoint has been registered, as for a real death), or with
+    `fail.at: "report"` just before the epoch's report (after rank 0 logged it to MLflow)."""
     fail = config.get("debug_fail")
     if not fail or session.rank != fail["rank"] or epoch != fail["epoch"]:
+        return
+    if fail.get("at", "step") != at:
         return
     marker = fail["marker"]
     if os.path.exists(marker):
@@ -511,10 +589,8 @@ def train_loop(config: dict, session: _Session | None = None) -> list[dict]:
         return contextlib.nullcontext()
 
     plan = epoch_plan(config["source_rows"], tcfg, world)
-    per_worker_batch = sum(plan.batch.values())
-    one_pass = max(1, math.ceil(config["num_rows"] / (per_worker_batch * world)))
-    steps_per_epoch = plan.steps or one_pass
-    total_steps = steps_per_epoch * tcfg.epochs
+    bplan = batch_plan(config["source_rows"], config["num_rows"], tcfg, world)
+    steps_per_epoch, total_steps = bplan["steps_per_epoch"], bplan["total_steps"]
     warmup = int(round(tcfg.warmup_epochs * steps_per_epoch))
     eps_warmup = int(round(tcfg.eps_warmup_epochs * steps_per_epoch))
     opt = torch.optim.SGD(
@@ -531,6 +607,8 @@ def train_loop(config: dict, session: _Session | None = None) -> list[dict]:
     start_epoch, device_seconds = 0, 0.0
     state = session.checkpoint_state()
     if state is not None:
+        # run_train checks this before it starts; here for checkpoints it could not list
+        check_resume(state.get("batch_plan"), bplan, "the checkpoint to resume")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -640,6 +718,7 @@ def train_loop(config: dict, session: _Session | None = None) -> list[dict]:
                 steps=ev["pgd_steps"],
                 batch_size=ev["batch_size"],
                 device=device,
+                seed=tcfg.seed,
             )
             metrics.update(test_clean_acc=clean, test_robust_acc=robust)
         history.append(metrics)
@@ -656,11 +735,14 @@ def train_loop(config: dict, session: _Session | None = None) -> list[dict]:
                 "rng": torch.get_rng_state(),
                 "device_seconds": device_seconds,
                 "history": history,
+                "batch_plan": bplan,
             }
             if config.get("mlflow") is not None:
                 from puma_ray import tracking
 
-                tracking.safe(config["mlflow"].log_metrics, metrics, epoch + 1)
+                # an epoch rerun after a resume was logged by the attempt that ran it first
+                tracking.safe(config["mlflow"].log_new_metrics, metrics, epoch + 1)
+        _maybe_fail(config, session, epoch, at="report")
         session.report(metrics, checkpoint)
     return history
 
@@ -786,13 +868,17 @@ def run_train(
     ray_storage_path: str | None = None,
     callbacks: list | None = None,
     mlflow_run_name: str | None = None,
+    force: bool = False,
 ) -> TrainSummary:
     """Train on the kept set (per-sample eps) or the full sample set (uniform eps); write
     `<run_dir>/<name>/model.pt` and then `summary.json`. Rerunning with the same inputs is a
-    no-op once finished and resumes from the last epoch checkpoint otherwise.
+    no-op once finished and resumes from the last epoch checkpoint otherwise. `force` trains
+    from epoch 0 in a new MLflow run: it first deletes this run's summary, model and
+    checkpoints (the Ray Train run directory and the in-process checkpoint), nothing else.
 
     `debug_dir` makes every rank save the sample ids it trained on per epoch; `debug_fail`
-    ({"rank", "epoch", "marker"}) kills one worker once (tests of failure recovery).
+    ({"rank", "epoch", "marker"}, optional "at": "step" | "report") kills one worker once
+    (tests of failure recovery).
 
     For sweeps (each Tune trial drives its own TorchTrainer): `ray_run_name` and
     `ray_storage_path` replace the Ray Train run's `<name>-<fingerprint>` and
@@ -815,23 +901,60 @@ def run_train(
             "training": tcfg.model_dump(),
             "num_classes": num_classes,
             # not the worker count or evaluation settings: they change neither the recipe nor
-            # the global batch, so a finished model stays valid and a checkpoint resumable
+            # the global batch, so a finished model stays valid; a checkpoint is resumed on
+            # other workers only if its batch plan is the same (`check_resume`)
         }
     )
     out_dir = storage.join(run_dir, name)
     model_path = storage.join(out_dir, "model.pt")
     summary_path = storage.join(out_dir, "summary.json")
     old = _read_json(summary_path)
-    if old is not None and old.get("fingerprint") == fp and storage.exists(model_path):
+    if (
+        not force
+        and old is not None
+        and old.get("fingerprint") == fp
+        and storage.exists(model_path)
+    ):
         summary = TrainSummary(**{**old, "skipped": True})
         log(summary.format())
         return summary
+
+    world = max(1, cfg.ray.num_workers)
+    try:
+        current_plan = batch_plan(inp["source_rows"], inp["rows"], tcfg, world)
+    except ConfigError as e:
+        msg = str(e)
+        if name == "margin_model":  # its recipe is margin_model.train in the config file
+            msg = msg.replace("training.", "margin_model.train.")
+        raise ConfigError(f"train {name}: {msg}") from None
+    if ray_storage_path is None:
+        ray_storage_path = (
+            os.path.join(storage.local_path(run_dir), "ray_train")
+            if storage.is_local(run_dir)
+            else storage.join(run_dir, "ray_train")
+        )
+    ray_name = ray_run_name or f"{name}-{fp}"
+    ray_run = storage.join(ray_storage_path, ray_name)
+    local_ckpt = (
+        os.path.join(storage.local_path(out_dir), f"local-{fp}")
+        if storage.is_local(out_dir)
+        else None
+    )
+    if force:
+        log(f"train {name}: forced: deleting its summary, model and checkpoints, from epoch 0")
+        # the summary first: an interrupted forced run must not look finished
+        for path in (summary_path, model_path, ray_run, local_ckpt):
+            if path is not None:
+                storage.delete(path)
+    # a resume on another worker count must not silently change the batch or the lr schedule
+    for where, meta in _checkpoint_metas(local_ckpt if cfg.ray.num_workers == 0 else ray_run):
+        check_resume(meta.get("batch_plan"), current_plan, where)
 
     from puma_ray import tracking
 
     storage.makedirs(out_dir)
     run_file = storage.join(out_dir, "mlflow_run.json")
-    prev = _read_json(run_file) or {}
+    prev = {} if force else _read_json(run_file) or {}
     run = tracking.start_run(
         cfg.tracking,
         run_dir,
@@ -878,34 +1001,35 @@ def run_train(
     columns = ["id", "image", "label", "source"] + (["eps"] if inp["has_eps"] else [])
     log(
         f"train {name}: {tcfg.objective} on {inp['rows']} {dataset} rows, {tcfg.epochs} epochs, "
-        f"{cfg.ray.num_workers or 'in-process'} workers (run {name}-{fp})"
+        f"{cfg.ray.num_workers or 'in-process'} workers (run {ray_name})"
     )
-    from puma_ray.runtime import ensure_ray
+    from puma_ray.runtime import ensure_ray, read_parquet
 
     ensure_ray(cfg.ray)
-    import ray
     from ray.data.expressions import col
 
-    plan = epoch_plan(inp["source_rows"], tcfg, max(1, cfg.ray.num_workers))
+    plan = epoch_plan(inp["source_rows"], tcfg, world)
     datasets = {}
     for stream, (files, filter_rows) in stream_files(
         inp["files"], inp["file_sources"], plan.batch
     ).items():
-        ds = ray.data.read_parquet(files).select_columns(columns)
-        datasets[stream] = ds.filter(expr=col("source") == stream) if filter_rows else ds
+        ds = read_parquet(files).select_columns(columns)  # page checksums verified
+        ds = ds.filter(expr=col("source") == stream) if filter_rows else ds
+        # the batch order (and so the model) must not depend on which read task ends first
+        ds.context.execution_options.preserve_order = True
+        datasets[stream] = ds
     status = "FAILED"
     ray_path = None
     try:
         if cfg.ray.num_workers == 0:
-            ckpt_dir = (
-                os.path.join(storage.local_path(out_dir), f"local-{fp}")
-                if storage.is_local(out_dir)
-                else tempfile.mkdtemp()
-            )
-            session = _LocalSession(datasets, ckpt_dir, log)
+            session = _LocalSession(datasets, local_ckpt or tempfile.mkdtemp(), log)
             prior = session.checkpoint_state()
             resumed = int(prior["epoch"]) + 1 if prior else 0
-            history = train_loop(loop_config, session)
+            try:
+                history = train_loop(loop_config, session)
+            except Exception as e:
+                _raise_if_corrupt(e, name, inp["files"])
+                raise
             state = session.checkpoint_state()
         else:
             state, history, resumed, ray_path = _fit(
@@ -914,11 +1038,10 @@ def run_train(
                 loop_config,
                 datasets,
                 name,
-                fp,
-                run_dir,
-                ray_run_name=ray_run_name,
                 storage_path=ray_storage_path,
+                run_name=ray_name,
                 callbacks=callbacks,
+                files=inp["files"],
             )
         if state is None:
             raise TrainingError(f"train {name}: finished without a checkpoint")
@@ -968,30 +1091,34 @@ def _model_from_state(model_cfg, num_classes: int, state: dict) -> nn.Module:
     return model.eval()
 
 
+def _ordered_ingest():
+    """Ray Train's ingest options with `preserve_order`: each worker's batches then arrive in
+    the files' order, whatever the read tasks' finishing order, so a run (and a resumed run)
+    sees the same batches."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(execution_options=options)
+
+
 def _fit(
     cfg: PipelineConfig,
     tcfg: TrainingConfig,
     loop_config: dict,
     datasets: dict,
     name,
-    fp,
-    run_dir,
     *,
-    ray_run_name=None,
-    storage_path=None,
+    storage_path: str,
+    run_name: str,
     callbacks=None,
+    files: list[str] | None = None,
 ):
     """Run the loop under TorchTrainer; returns (final state, history, resumed epoch, path)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    if storage_path is None and not storage.is_local(run_dir):
-        storage_path = storage.join(run_dir, "ray_train")
-    elif storage_path is None:
-        storage_path = os.path.join(storage.local_path(run_dir), "ray_train")
-    run_name = ray_run_name or f"{name}-{fp}"
-    snapshot = os.path.join(storage_path, run_name)
-    resumed = _last_reported_epoch(snapshot)
+    resumed = _last_reported_epoch(storage.join(storage_path, run_name))
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -1013,10 +1140,12 @@ def _fit(
             callbacks=list(callbacks or []),
         ),
         datasets=datasets,
+        dataset_config=_ordered_ingest(),
     )
     try:
         result = trainer.fit()
     except Exception as e:  # WorkerGroupError / ControllerError after retries ran out
+        _raise_if_corrupt(e, name, files)
         raise TrainingError(f"train {name}: failed after {tcfg.max_failures} retries: {e}") from e
     if result.checkpoint is None:
         return None, [], resumed, result.path
@@ -1025,16 +1154,53 @@ def _fit(
     return state, list(state["history"]), resumed, result.path
 
 
+def _raise_if_corrupt(e: BaseException, name: str, files: list[str] | None) -> None:
+    """A Parquet page that failed its checksum: one line naming the shards' directory (Ray's
+    error does not say which file), instead of a worker traceback."""
+    from puma_ray.errors import DataError
+    from puma_ray.runtime import is_checksum_error
+
+    if is_checksum_error(e):
+        where = os.path.dirname(files[0]) if files else "the training shards"
+        raise DataError(
+            f"{where}: a Parquet page of a shard failed its checksum (train {name}): the data "
+            "is corrupt; rebuild it (`puma-ray ingest --force`, then prune)"
+        ) from None
+
+
+def _checkpoint_metas(path: str | None) -> list[tuple[str, dict]]:
+    """(checkpoint dir, {"epoch", "batch_plan"}) of every checkpoint under `path`: a Ray Train
+    run directory (its `checkpoint_*` folders) or an in-process checkpoint directory. Reads
+    `plan.json`; older checkpoints without it fall back to their state (local paths only)."""
+    if path is None or not storage.exists(path):
+        return []
+    import pyarrow.fs as pafs
+
+    fs, base = storage.resolve(path)
+    infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    dirs = [path] + [
+        storage.join(path, name)
+        for name in sorted(
+            i.base_name
+            for i in infos
+            if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint")
+        )
+    ]
+    out = []
+    for d in dirs:
+        meta = _read_json(storage.join(d, META_FILE))
+        if meta is None and storage.is_local(d):
+            state_path = os.path.join(storage.local_path(d), STATE_FILE)
+            if os.path.exists(state_path):
+                try:
+                    meta = {"epoch": int(_load_state(state_path)["epoch"])}
+                except Exception:
+                    meta = None
+        if meta is not None:
+            out.append((d, meta))
+    return out
+
+
 def _last_reported_epoch(run_path: str) -> int:
     """Epochs already checkpointed by an earlier attempt of this Ray run (0 if none)."""
-    if not os.path.isdir(run_path):
-        return 0
-    best = 0
-    for entry in os.listdir(run_path):
-        path = os.path.join(run_path, entry, STATE_FILE)
-        if entry.startswith("checkpoint") and os.path.exists(path):
-            try:
-                best = max(best, int(_load_state(path)["epoch"]) + 1)
-            except Exception:
-                continue
-    return best
+    return max((int(m["epoch"]) + 1 for _, m in _checkpoint_metas(run_path)), default=0)

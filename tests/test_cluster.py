@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import subprocess
+import sys
 from fractions import Fraction
 
 import jsonschema
@@ -23,6 +24,8 @@ from puma_ray.models import list_models, model_options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER_YAML = os.path.join(ROOT, "cluster.yaml")
+CLUSTER_DOC = os.path.join(ROOT, "docs", "cluster.md")
+DEPLOY = os.path.join(ROOT, "deploy")
 CONFIGS = os.path.join(ROOT, "tune_configs")
 # The configs this file owns, plus the embedded demo.
 PAPER_CONFIGS = ("cifar10_edm1m.yaml", "cifar10_edm1m_l2.yaml", "cifar10_edm1m_sweep.yaml")
@@ -87,9 +90,10 @@ def test_head_type_must_exist(cluster):
 
 
 def test_cluster_yaml_security_and_auth(cluster):
-    """The properties docs/cluster.md promises: no extra public ingress, token auth on every
+    """The properties docs/cluster.md promises: ingress only for SSH, token auth on every
     node, MLflow on the private address, the token shipped to every node."""
-    assert cluster["provider"]["security_group"]["IpPermissions"] == []
+    rules = cluster["provider"]["security_group"]["IpPermissions"]
+    assert [(r["IpProtocol"], r["FromPort"], r["ToPort"]) for r in rules] == [("tcp", 22, 22)]
     head_start = " ".join(cluster["head_start_ray_commands"])
     worker_start = " ".join(cluster["worker_start_ray_commands"])
     for start in (head_start, worker_start):
@@ -99,6 +103,124 @@ def test_cluster_yaml_security_and_auth(cluster):
     assert cluster["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
     head = cluster["available_node_types"][cluster["head_node_type"]]
     assert head["resources"].get("GPU", 0) == 0 and head["resources"]["CPU"] == 0
+
+
+def _security_group_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("security_group", f"{DEPLOY}/security_group.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ssh_is_open_only_to_a_cidr_the_user_sets(cluster):
+    """No ingress rule lets SSH in from anywhere; the source is a placeholder that cluster.yaml
+    and docs/cluster.md tell the user to replace, and the group tool refuses to run without it."""
+    sg = _security_group_tool()
+    rules = cluster["provider"]["security_group"]["IpPermissions"]
+    assert sg.open_to_anywhere(rules) == []
+    cidrs = [r["CidrIp"] for rule in rules for r in rule["IpRanges"]]
+    assert cidrs == [sg.PLACEHOLDER] and not any(rule.get("Ipv6Ranges") for rule in rules)
+    with open(CLUSTER_YAML) as f:
+        assert f"replace\n  # {sg.PLACEHOLDER} with your network" in f.read()
+    with open(CLUSTER_DOC) as f:
+        doc = f.read()
+    assert sg.PLACEHOLDER in doc and "deploy/security_group.py create" in doc
+    own = [{"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": "sg-1"}]}, *rules]
+    assert sg.open_to_anywhere(own) == []  # the rules `create` gives the group
+    with pytest.raises(sg.SetupError, match=sg.PLACEHOLDER):
+        sg.ssh_rules(cluster)
+    for bad in ("0.0.0.0/0", "::/0", "not-a-cidr"):
+        broken = copy.deepcopy(cluster)
+        broken["provider"]["security_group"]["IpPermissions"][0]["IpRanges"][0]["CidrIp"] = bad
+        with pytest.raises(sg.SetupError, match="IpPermissions"):
+            sg.ssh_rules(broken)
+    filled = copy.deepcopy(cluster)
+    filled["provider"]["security_group"]["IpPermissions"][0]["IpRanges"][0]["CidrIp"] = (
+        "203.0.113.7/32"
+    )
+    assert sg.ssh_rules(filled) == filled["provider"]["security_group"]["IpPermissions"]
+    # the head's setup runs the check, so a group open to the internet stops `ray up`
+    assert any("security_group.py check" in c for c in cluster["head_setup_commands"])
+
+
+def test_ray_adds_ssh_from_anywhere_to_a_group_it_creates(cluster):
+    """Why the group is created before `ray up`: Ray's own rules for a new group (Ray's AWS
+    module needs boto3, which `ray up` needs too but the tests do not)."""
+    pytest.importorskip("boto3")
+    from ray.autoscaler._private.aws.config import _create_default_inbound_rules
+
+    sg = _security_group_tool()
+    rules = cluster["provider"]["security_group"]["IpPermissions"]
+    assert sg.open_to_anywhere(_create_default_inbound_rules(["sg-1"], rules))
+
+
+def test_security_group_tool_refuses_the_placeholder_before_calling_aws(tmp_path):
+    """`create` on the shipped cluster.yaml: one line, status 2, no AWS call (nor boto3)."""
+    result = subprocess.run(
+        [sys.executable, f"{DEPLOY}/security_group.py", "create", "--cluster", CLUSTER_YAML],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "REPLACE_WITH_YOUR_CIDR" in result.stderr
+
+
+def _statements(name: str) -> list[dict]:
+    with open(os.path.join(DEPLOY, name)) as f:
+        policy = json.load(f)
+    assert policy["Version"] == "2012-10-17"
+    return policy["Statement"]
+
+
+def _as_list(value) -> list[str]:
+    return value if isinstance(value, list) else [value]
+
+
+@pytest.mark.parametrize("name", ["head-iam-policy.json", "worker-iam-policy.json"])
+def test_iam_policies_are_narrow(name):
+    """No service-wide wildcard actions; `"Resource": "*"` only for EC2 Describe calls (they
+    have no resource-level permissions); S3 only on the configured bucket."""
+    for st in _statements(name):
+        assert st["Effect"] == "Allow"
+        actions, resources = _as_list(st["Action"]), _as_list(st["Resource"])
+        assert not any("*" in a for a in actions), st
+        if "*" in resources:
+            assert all(a.startswith("ec2:Describe") for a in actions), st
+        for a in actions:
+            if a.startswith("s3:"):
+                assert set(resources) <= {
+                    "arn:aws:s3:::REPLACE_WITH_BUCKET",
+                    "arn:aws:s3:::REPLACE_WITH_BUCKET/*",
+                }, st
+
+
+def test_head_policy_fits_cluster_yaml(cluster):
+    """The head may pass only the workers' role, and change only this cluster's instances."""
+    st = _statements("head-iam-policy.json")
+    passes = [s for s in st if "iam:PassRole" in _as_list(s["Action"])]
+    assert [s["Resource"] for s in passes] == [
+        "arn:aws:iam::REPLACE_WITH_ACCOUNT_ID:role/puma-ray-worker"
+    ]
+    nodes = cluster["available_node_types"]
+    profiles = {n: t["node_config"]["IamInstanceProfile"]["Arn"] for n, t in nodes.items()}
+    assert profiles.pop(cluster["head_node_type"]).endswith(":instance-profile/puma-ray-head")
+    assert {p.rsplit("/", 1)[1] for p in profiles.values()} == {"puma-ray-worker"}
+    region, name = cluster["provider"]["region"], cluster["cluster_name"]
+    mutating = {"ec2:StartInstances", "ec2:StopInstances", "ec2:TerminateInstances"}
+    for s in st:
+        if mutating & set(_as_list(s["Action"])):
+            assert s["Condition"] == {"StringEquals": {"ec2:ResourceTag/ray-cluster-name": name}}
+        if "ec2:RunInstances" in _as_list(s["Action"]):
+            assert all(f":ec2:{region}:" in r for r in _as_list(s["Resource"]))
+    with open(os.path.join(DEPLOY, "ec2-trust-policy.json")) as f:
+        trust = json.load(f)["Statement"]
+    assert trust[0]["Principal"] == {"Service": "ec2.amazonaws.com"}
+    with open(CLUSTER_DOC) as f:
+        doc = f.read()
+    assert "iam:PassRole" in doc and "no authentication" in doc
 
 
 def test_cluster_commands_are_valid_shell(cluster):

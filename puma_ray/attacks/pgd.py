@@ -54,7 +54,31 @@ def _step(grad: torch.Tensor, alpha: torch.Tensor, norm: Norm) -> torch.Tensor:
     return alpha * grad / (_norm2(grad) + _TINY)
 
 
-def _random_start(x: torch.Tensor, eps: torch.Tensor, norm: Norm) -> torch.Tensor:
+def _row_draws(x: torch.Tensor, row_seeds: torch.Tensor, normal: bool) -> torch.Tensor:
+    """Noise shaped like x whose row i depends only on row_seeds[i] (not on the batch it is in),
+    so a chunked or distributed evaluation draws the same random starts as one pass."""
+    out = torch.empty(x.shape, dtype=torch.float32)
+    g = torch.Generator()
+    for i, seed in enumerate(row_seeds.tolist()):
+        g.manual_seed(int(seed))
+        if normal:
+            out[i].normal_(generator=g)
+        else:
+            out[i].uniform_(generator=g)
+    return out.to(device=x.device, dtype=x.dtype)
+
+
+def _random_start(
+    x: torch.Tensor, eps: torch.Tensor, norm: Norm, row_seeds: torch.Tensor | None = None
+) -> torch.Tensor:
+    if row_seeds is not None:
+        if norm == "linf":
+            return (_row_draws(x, row_seeds, False) * 2 - 1) * eps
+        direction = _row_draws(x, row_seeds, True)
+        direction = direction / (_norm2(direction) + _TINY)
+        # the radius from a second, independent stream of the same row seed
+        radius = _row_draws(x[:, :1, :1, :1], row_seeds + 0x5EED, False).view(-1)
+        return direction * radius.view(-1, *([1] * (x.ndim - 1))) * eps
     if norm == "linf":
         return (torch.rand_like(x) * 2 - 1) * eps
     direction = torch.randn_like(x)
@@ -98,6 +122,7 @@ def pgd(
     steps: int = 10,
     step_ratio: float = 0.25,
     random_start: bool = True,
+    row_seeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Untargeted PGD (Madry et al. 2018) maximising cross-entropy, with per-sample radii.
 
@@ -106,6 +131,8 @@ def pgd(
         eps: radius per sample ([N] tensor) or one float, in [0, 1] pixel units.
         step_ratio: step size as a fraction of each sample's eps (0.25 with 10 steps is the
             usual 2/255 for 8/255).
+        row_seeds: [N] int64; when given, row i's random start is drawn from its own seed
+            (reproducible evaluation), else from torch's global generator (training).
     Returns: adversarial inputs (detached), inside each sample's ball and [0, 1].
     """
     _check(norm, steps)
@@ -114,7 +141,7 @@ def pgd(
         return F.cross_entropy(logits.float(), y, reduction="sum")
 
     def start(x, e):
-        return _random_start(x, e, norm) if random_start else torch.zeros_like(x)
+        return _random_start(x, e, norm, row_seeds) if random_start else torch.zeros_like(x)
 
     return _run(model, x, eps, loss_fn, norm=norm, steps=steps, step_ratio=step_ratio, start=start)
 

@@ -4,12 +4,15 @@
 members), which is 60 GB for 20M CIFAR-sized images. Instead we open the zip member as a stream,
 parse its `.npy` header with `np.lib.format`, and read rows sequentially. This works for both
 `np.savez` (stored) and `np.savez_compressed` (deflated) files, local or behind any pyarrow
-filesystem URI. Memory is one chunk of rows, whatever the file size.
+filesystem URI. Memory is one chunk of rows, whatever the file size. A Fortran-ordered member
+(rows interleaved, so not streamable by rows) is read whole, up to `FORTRAN_MAX_BYTES`.
 """
 
 from __future__ import annotations
 
+import tokenize
 import zipfile
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -18,6 +21,10 @@ from puma_ray import storage
 from puma_ray.errors import DataError
 
 IMAGE_KEY, LABEL_KEY = "image", "label"
+# A damaged member surfaces as any of these, depending on where the damage is.
+_CORRUPT = (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError)
+# Largest Fortran-ordered image member read (whole, into memory); larger ones are refused.
+FORTRAN_MAX_BYTES = 256 * 2**20
 
 
 def _read_header(f, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -28,7 +35,9 @@ def _read_header(f, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
         if version == (2, 0):
             return np.lib.format.read_array_header_2_0(f)
         return np.lib.format._read_array_header(f, version)  # 3.0: no public reader
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    except zlib.error as e:
+        raise DataError(f"{where}: corrupt compressed data ({e})") from None
+    except (*_CORRUPT, tokenize.TokenError, SyntaxError) as e:  # numpy tokenizes the header
         raise DataError(f"{where}: not a valid .npy array ({e})") from None
 
 
@@ -52,16 +61,20 @@ class NpzArrays:
                     f"(want '{IMAGE_KEY}' uint8 NxHxWxC and '{LABEL_KEY}' integer N)"
                 )
             self._members = {k: names[k] for k in (IMAGE_KEY, LABEL_KEY)}
-            with zf.open(self._members[IMAGE_KEY]) as f:
+            with self._open_member(zf, IMAGE_KEY) as f:
                 shape, fortran, dtype = _read_header(f, f"{path}[{IMAGE_KEY}]")
-            with zf.open(self._members[LABEL_KEY]) as f:
+            with self._open_member(zf, LABEL_KEY) as f:
                 lshape, _, ldtype = _read_header(f, f"{path}[{LABEL_KEY}]")
         if len(shape) != 4:
             raise DataError(f"{path}: '{IMAGE_KEY}' has shape {shape}; want N x H x W x C (4-D)")
         if dtype != np.uint8:
             raise DataError(f"{path}: '{IMAGE_KEY}' has dtype {dtype}; want uint8 (0-255)")
-        if fortran and shape[0] > 1:
-            raise DataError(f"{path}: '{IMAGE_KEY}' is Fortran-ordered; save it C-contiguous")
+        nbytes = int(np.prod(shape, dtype=np.int64))
+        if fortran and nbytes > FORTRAN_MAX_BYTES:
+            raise DataError(
+                f"{path}: '{IMAGE_KEY}' is Fortran-ordered ({nbytes / 2**20:.0f} MiB), which "
+                "cannot be read by rows; save it C-contiguous (np.ascontiguousarray)"
+            )
         if not (len(lshape) == 1 or (len(lshape) == 2 and lshape[1] == 1)):
             raise DataError(f"{path}: '{LABEL_KEY}' has shape {lshape}; want (N,)")
         if ldtype.kind not in "iu" or ldtype.hasobject:
@@ -76,6 +89,8 @@ class NpzArrays:
         self.total_rows = int(shape[0])
         self.num_rows = min(self.total_rows, limit) if limit else self.total_rows
         self._label_dtype = ldtype
+        # labels are (N,) or (N, 1): the same bytes in either order
+        self._fortran = bool(fortran)
 
     def _open_zip(self) -> zipfile.ZipFile:
         try:
@@ -90,22 +105,43 @@ class NpzArrays:
             f.close()
             raise DataError(f"{self.path}: not an .npz file (not a zip archive)") from None
 
-    def _iter_rows(self, key: str, row_shape, dtype, chunk_rows: int) -> Iterator[np.ndarray]:
+    def _open_member(self, zf: zipfile.ZipFile, key: str):
+        try:
+            return zf.open(self._members[key])
+        except _CORRUPT as e:  # e.g. a damaged local file header
+            raise DataError(f"{self.path}[{key}]: corrupt zip member ({e})") from None
+
+    def _iter_rows(
+        self, key: str, row_shape, dtype, chunk_rows: int, fortran: bool = False
+    ) -> Iterator[np.ndarray]:
         row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
         where = f"{self.path}[{key}]"
-        with self._open_zip() as zf, zf.open(self._members[key]) as f:
+        with self._open_zip() as zf, self._open_member(zf, key) as f:
             _read_header(f, where)
+            if fortran:  # rows are interleaved: read the whole (size-checked) member
+                total = self.total_rows * row_bytes
+                buf = self._read(f, total, where, 0)
+                if len(buf) != total:
+                    raise DataError(f"{where}: file ends before its last row")
+                whole = np.frombuffer(buf, dtype).reshape(self.total_rows, *row_shape, order="F")
+                for a in range(0, self.num_rows, chunk_rows):
+                    yield np.ascontiguousarray(whole[a : min(self.num_rows, a + chunk_rows)])
+                return
             done = 0
             while done < self.num_rows:
                 n = min(chunk_rows, self.num_rows - done)
-                try:
-                    buf = f.read(n * row_bytes)
-                except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-                    raise DataError(f"{where}: corrupt at row {done} ({e})") from None
+                buf = self._read(f, n * row_bytes, where, done)
                 if len(buf) != n * row_bytes:
                     raise DataError(f"{where}: file ends at row {done + len(buf) // row_bytes}")
                 yield np.frombuffer(buf, dtype).reshape(n, *row_shape)
                 done += n
+
+    @staticmethod
+    def _read(f, nbytes: int, where: str, row: int) -> bytes:
+        try:
+            return f.read(nbytes)
+        except _CORRUPT as e:
+            raise DataError(f"{where}: corrupt at row {row} ({e})") from None
 
     def iter_labels(self, chunk_rows: int = 1 << 20) -> Iterator[np.ndarray]:
         for chunk in self._iter_rows(LABEL_KEY, (), self._label_dtype, chunk_rows):
@@ -140,7 +176,9 @@ class NpzArrays:
 
         The image and label members are read side by side, each a sequential stream.
         """
-        images = self._iter_rows(IMAGE_KEY, self.image_shape, np.dtype(np.uint8), chunk_rows)
+        images = self._iter_rows(
+            IMAGE_KEY, self.image_shape, np.dtype(np.uint8), chunk_rows, self._fortran
+        )
         labels = self._iter_rows(LABEL_KEY, (), self._label_dtype, chunk_rows)
         for im, lb in zip(images, labels, strict=True):
             yield im, lb.astype(np.int64)

@@ -237,7 +237,32 @@ def _read(path: str | os.PathLike) -> dict:
     for field, kind in _FIELDS.items():
         if not isinstance(checkpoint.get(field), kind):
             raise CheckpointError(f"{path}: not a puma_ray checkpoint (bad or missing {field!r})")
+    problem = _content_problem(checkpoint)
+    if problem:
+        raise CheckpointError(f"{path}: not a puma_ray checkpoint ({problem})")
     return checkpoint
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def _content_problem(checkpoint: dict) -> str:
+    """'' when the fields hold what readers index and convert; else what does not, so a bad file
+    is one CheckpointError here instead of an AttributeError in whatever reads it first."""
+    if not _is_count(checkpoint["num_classes"]):
+        return f"num_classes is {checkpoint['num_classes']!r}, not a positive integer"
+    shape = checkpoint["image_shape"]
+    if len(shape) != 3 or not all(_is_count(s) for s in shape):
+        return f"image_shape is {repr(list(shape))[:80]}, not [H, W, C] positive integers"
+    if not all(isinstance(k, str) for k in checkpoint["kwargs"]):
+        return "kwargs has a key that is not a string"
+    for key, value in checkpoint["state_dict"].items():
+        if not isinstance(key, str):
+            return f"state_dict has a key that is not a string ({key!r})"
+        if not isinstance(value, torch.Tensor):
+            return f"state_dict[{key!r}] is a {type(value).__name__}, not a tensor"
+    return ""
 
 
 def _meta(checkpoint: dict, path) -> dict:
