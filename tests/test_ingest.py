@@ -32,8 +32,10 @@ def _cfg(*sets, sources=SMALL, rows_per_shard=1000):
     return load_config(None, [sources, f"data.rows_per_shard={rows_per_shard}", *sets])
 
 
-def _npz_cfg(*paths, num_classes=None, rows_per_shard=1000):
+def _npz_cfg(*paths, num_classes=None, rows_per_shard=1000, test=False):
     items = ", ".join(f"{{type: npz, path: '{p}'}}" for p in paths)
+    if test:  # ingest refuses a dataset without test rows: the first file's first row
+        items += f", {{type: npz, path: '{paths[0]}', split: test, source: real, limit: 1}}"
     sets = [f"data.num_classes={num_classes}"] if num_classes else []
     return _cfg(*sets, sources=f"data.sources=[{items}]", rows_per_shard=rows_per_shard)
 
@@ -99,6 +101,7 @@ def test_ingest_writes_both_splits(serial_run):
     assert "train" in text and "5,000" in text and "rows/s" in text and "disk" in text
 
 
+@pytest.mark.ray
 def test_ray_tasks_write_the_same_bytes(serial_run, ray_local, tmp_path):
     run_dir, serial = serial_run
     lines = []
@@ -227,13 +230,16 @@ def test_npz_ingest_is_exact_and_bounded(tmp_path, compressed):
     # Warm up first: pyarrow imports ~25 MB of modules lazily on first use, once per process.
     _npz(str(tmp_path / "tiny.npz"), 10)
     run_ingest(
-        _npz_cfg(str(tmp_path / "tiny.npz")), str(tmp_path / "warm"), parallel=False, log=_quiet
+        _npz_cfg(str(tmp_path / "tiny.npz"), test=True),
+        str(tmp_path / "warm"),
+        parallel=False,
+        log=_quiet,
     )
     run_dir = str(tmp_path / "run")
     tracemalloc.start()
     try:
         summary = run_ingest(
-            _npz_cfg(path, rows_per_shard=15_000), run_dir, parallel=False, log=_quiet
+            _npz_cfg(path, rows_per_shard=15_000, test=True), run_dir, parallel=False, log=_quiet
         )
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -244,7 +250,7 @@ def test_npz_ingest_is_exact_and_bounded(tmp_path, compressed):
         f"tracemalloc peak {peak / MB:.0f} MiB, {raw / MB:.0f} MiB file"
     )
     assert summary.splits["train"].rows == n and summary.splits["train"].shards == 3
-    assert summary.splits["test"].rows == 0
+    assert summary.splits["test"].rows == 1
     ids, got_images, got_labels, synth = _read(dataset_dirs(run_dir)[0])
     np.testing.assert_array_equal(ids, np.arange(n))
     np.testing.assert_array_equal(got_labels, labels)
@@ -367,7 +373,7 @@ def test_npz_truncated_member(tmp_path):
         zf.writestr("image.npy", image_member[: len(image_member) // 2])
         zf.writestr("label.npy", label_member)
     with pytest.raises(DataError, match=r"cut.npz\[image\]: file ends at row"):
-        run_ingest(_npz_cfg(path), str(tmp_path / "run"), parallel=False, log=_quiet)
+        run_ingest(_npz_cfg(path, test=True), str(tmp_path / "run"), parallel=False, log=_quiet)
     assert not os.path.exists(os.path.join(tmp_path, "run", "data", "train", "dataset.json"))
 
 

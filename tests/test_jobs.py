@@ -5,6 +5,11 @@ token authentication on (a fresh random token passed as RAY_AUTH_TOKEN to the he
 `ray job` call, so no file in ~/.ray is read or written), and MLFLOW_TRACKING_URI in the head's
 environment, which is how cluster.yaml hands the tracking server to every job.
 
+The head is a second Ray cluster on this machine, so its tests are marked `own_cluster`:
+tests/conftest.py runs them before every other test, while the session's own Ray (the
+`ray_local` fixture, started by the first test that needs it) does not exist yet; the head is
+torn down with this module's fixtures before that. The head gets one bounded attempt to start.
+
 Teardown does not use `ray stop`: in Ray 2.60 it takes no address or temp dir and kills every
 Ray process on the machine, including other test sessions' and benchmarks' clusters. Instead
 the `--block` process gets SIGTERM (Ray then shuts its node down), and every process that
@@ -147,24 +152,34 @@ class Head:
             cmd, env=self.head_env, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.tmp
         )
 
-    def start(self, attempts: int = 3, timeout_s: float = 300) -> None:
-        """Start the head and wait until the Jobs API answers an authenticated request.
-
-        A start that dies is retried: Ray 2.60's raylet gives its dashboard agent a fixed 15 s
-        to report its port and aborts the node otherwise ("Timed out waiting for file
-        .../dashboard_agent_listen_port_..."), which happens when the machine is loaded."""
-        for attempt in range(attempts):
-            self._launch(attempt)
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                started = "Ray runtime started" in self.output()  # the node is fully up
-                with contextlib.suppress(OSError):
-                    if started and _http_status(f"{self.address}/api/jobs/", self.token) == 200:
-                        return
-                time.sleep(1)
-            failed = self.output()[-3000:]
-            self._shutdown()
-        raise RuntimeError(f"the Ray head did not start in {attempts} attempts: {failed}")
+    def start(self, timeout_s: float = 180) -> None:
+        """Start the head and wait until the Jobs API answers an authenticated request: one
+        attempt, at most `timeout_s`, then an error that says what happened."""
+        self._launch(0)
+        start = time.monotonic()
+        deadline = start + timeout_s
+        started = False
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            started = "Ray runtime started" in self.output()  # the node is fully up
+            with contextlib.suppress(OSError):
+                if started and _http_status(f"{self.address}/api/jobs/", self.token) == 200:
+                    return
+            time.sleep(1)
+        code = self.proc.poll()
+        tail = self.output()[-3000:]
+        self._shutdown()
+        if code is not None:
+            what = f"`ray start --head` exited with status {code}"
+        elif started:
+            what = f"the node started but its Jobs API did not answer within {timeout_s:.0f} s"
+        else:
+            what = f"`ray start --head` was not up within {timeout_s:.0f} s"
+        raise RuntimeError(
+            f"the test Ray head did not start: {what} after {time.monotonic() - start:.0f} s "
+            "(on a loaded machine Ray 2.60's raylet aborts when its dashboard agent takes more "
+            "than 15 s to report its port: 'Timed out waiting for file "
+            f".../dashboard_agent_listen_port_...'). Log of `ray start`:\n{tail}"
+        )
 
     def output(self) -> str:
         with open(self.log.name) as f:
@@ -207,6 +222,12 @@ class Head:
 
 @pytest.fixture(scope="module")
 def head():
+    if sys.modules.get("ray") is not None and sys.modules["ray"].is_initialized():
+        pytest.fail(
+            "the session's Ray is already running: the own_cluster tests must run before any "
+            "test that uses it (tests/conftest.py orders them first)",
+            pytrace=False,
+        )
     h = Head()
     try:
         h.start()
@@ -235,6 +256,9 @@ def _submit(head: Head, run_dir: str, *extra: str) -> tuple[str, subprocess.Comp
     return sid, result
 
 
+@pytest.mark.own_cluster
+@pytest.mark.ray
+@pytest.mark.slow
 def test_jobs_api_requires_the_token(head):
     url = f"{head.address}/api/jobs/"
     assert _http_status(url, None) == 401
@@ -242,6 +266,9 @@ def test_jobs_api_requires_the_token(head):
     assert _http_status(url, head.token) == 200
 
 
+@pytest.mark.own_cluster
+@pytest.mark.ray
+@pytest.mark.slow
 def test_submit_pipeline_job(head):
     run_dir = os.path.join(head.tmp, "run")
     start = time.monotonic()

@@ -415,6 +415,7 @@ def test_margin_cap_needs_matching_norms(run_dir):
         ["pruning.strategy=random", "pruning.seed=2"],
     ],
 )
+@pytest.mark.ray
 def test_ray_tasks_equal_reference(ray_local, base_run, tmp_path, sets):
     cfg = _cfg(*sets)
     out = str(tmp_path / "kept")
@@ -423,6 +424,7 @@ def test_ray_tasks_equal_reference(ray_local, base_run, tmp_path, sets):
     _check_against_reference(cfg, base_run, out)
 
 
+@pytest.mark.ray
 def test_ray_errors_surface_as_one_line(ray_local, run_dir):
     _write_scores(run_dir, _tie_margins, only=lambda ids: ids % 50 != 0)
     with pytest.raises(DataError, match="does not cover") as err:
@@ -431,6 +433,7 @@ def test_ray_errors_surface_as_one_line(ray_local, run_dir):
     assert _nothing_written(run_dir)
 
 
+@pytest.mark.ray
 def test_ray_extrapolation(ray_local, run_dir):
     in_subset = lambda ids: sel.extrapolation_subset(ids, 0.2, 0)  # noqa: E731
     _write_scores(run_dir, _smooth_margin, only=in_subset)

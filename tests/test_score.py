@@ -4,7 +4,6 @@ survives a killed actor, and refuses bad inputs before any work."""
 import json
 import os
 import signal
-import threading
 import time
 
 import numpy as np
@@ -17,6 +16,9 @@ from puma_ray.config import load_config
 from puma_ray.errors import CheckpointError, DataError
 
 ROWS_PER_SHARD = 100
+SCORE_COLUMNS = ("id", "label", "source", "margin", "pred", "adv_class", "iters", "converged")
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def _cfg(**over):
@@ -122,13 +124,29 @@ def test_exactly_once_and_manifest(scored_run):
     assert set(summary.quantiles) == {"real", "synthetic"}
 
 
-def test_rerun_is_a_no_op(scored_run):
+def _copy_of(run_dir, tmp_path, cfg, **kw):
+    """A private copy of the scored run, and a config whose margin model is the original's
+    checkpoint (the path is part of the scores' state: the copy's scores stay valid)."""
+    import shutil
+
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run_dir, copy, **kw)
+    cfg_copy = cfg.model_copy(deep=True)
+    cfg_copy.margin_model.checkpoint = os.path.join(run_dir, "margin_model", "model.pt")
+    return copy, cfg_copy
+
+
+def test_rerun_is_a_no_op(scored_run, tmp_path):
     from puma_ray.score import run_score
 
     run_dir, cfg, _ = scored_run
-    again = run_score(cfg, run_dir, log=lambda _m: None)
+    copy, cfg_copy = _copy_of(run_dir, tmp_path, cfg)
+    manifest = os.path.join(copy, "scores", "manifest.json")
+    stamp = os.stat(manifest).st_mtime_ns
+    again = run_score(cfg_copy, copy, log=lambda _m: None)
     assert again.skipped_stage
     assert "up to date" in again.format()
+    assert os.stat(manifest).st_mtime_ns == stamp
 
 
 def test_resume_rescores_only_missing_shards(scored_run, tmp_path):
@@ -158,73 +176,120 @@ def test_resume_rescores_only_missing_shards(scored_run, tmp_path):
     np.testing.assert_allclose(after["margin"], before["margin"], rtol=1e-5, atol=1e-7)
 
 
-def test_changed_settings_discard_old_scores(scored_run, tmp_path):
+def test_changed_settings_discard_old_scores(scored_run, tmp_path, monkeypatch):
+    import re
     import shutil
 
+    from puma_ray import score
     from puma_ray.score import run_score
 
+    class AtLeastOneLine(score._RateLine):
+        """The stage's rate line, whose pass does not end before it has logged once: a
+        progress line is expected however fast the machine scores (not within a time)."""
+
+        def __init__(self, total, kind, log, every=30.0):
+            self.lines = 0
+
+            def counted(msg):
+                self.lines += 1
+                log(msg)
+
+            super().__init__(total, kind, counted, every)
+
+        def __exit__(self, *exc):
+            deadline = time.monotonic() + 120
+            while self.lines == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return super().__exit__(*exc)
+
+    monkeypatch.setattr(score, "_RateLine", AtLeastOneLine)
     run_dir, cfg, _ = scored_run
     copy = str(tmp_path / "copy")
     shutil.copytree(run_dir, copy)
     messages = []
     cfg2 = cfg.model_copy(deep=True)
     cfg2.scoring.max_iter = 5
-    summary = run_score(cfg2, copy, log=messages.append, progress_every=0.5)
+    summary = run_score(cfg2, copy, log=messages.append, progress_every=0.05)
     assert summary.shards_skipped == 0 and summary.rows_scored_now == 600
     assert any("discarding" in m for m in messages)
     rate_lines = [m for m in messages if "rows/s, ETA" in m]
-    assert rate_lines and all("/600 rows" in m for m in rate_lines)
+    assert rate_lines, "no progress line while scoring"
+    line = re.compile(r"^margins: [\d,]+/600 rows \(\d+%\), [\d,]+ rows/s, ETA (\d+s|\?)$")
+    assert all(line.match(m) for m in rate_lines), rate_lines
     manifest = json.loads(open(os.path.join(copy, "scores", "manifest.json")).read())
     assert manifest["state"]["deepfool"]["max_iter"] == 5
     assert max(_scores(copy)["iters"]) <= 5
 
 
-def test_killed_actor_still_exactly_once(scored_run, tmp_path):
-    """SIGKILL one scorer actor's process mid-run: Ray restarts it and retries its batches."""
-    import shutil
+def _kill_once_scorer(marker: str, log_dir: str):
+    """A MarginScorer that SIGKILLs its own process as its second batch starts, once in the
+    whole run: the first actor to get there claims `marker` (created exclusively) and writes the
+    batch's ids into it. Every actor start and every finished batch (pid, ids) is logged in
+    `log_dir`. Defined in a function, so Ray pickles the class by value into the actors."""
+    from puma_ray.score import MarginScorer
 
-    import ray
-    from ray.util.state import list_actors
+    class KillOnce(MarginScorer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.calls = 0
+            with open(os.path.join(log_dir, "starts"), "a") as f:
+                f.write(f"{os.getpid()}\n")
 
+        def __call__(self, batch):
+            self.calls += 1
+            ids = batch.column("id").to_pylist()
+            if self.calls == 2:
+                try:
+                    fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    pass
+                else:
+                    os.write(fd, json.dumps({"pid": os.getpid(), "ids": ids}).encode())
+                    os.close(fd)
+                    os.kill(os.getpid(), signal.SIGKILL)
+            out = super().__call__(batch)
+            with open(os.path.join(log_dir, f"done-{os.getpid()}"), "a") as f:
+                f.write(json.dumps(ids) + "\n")
+            return out
+
+    return KillOnce
+
+
+def test_killed_actor_is_restarted_and_its_batch_retried(scored_run, tmp_path, monkeypatch):
+    """A scorer actor dies (SIGKILL) as a batch starts: Ray restarts it, the batch is scored
+    again by the new process, every row is scored exactly once, and every score equals the
+    uninterrupted run's (same settings and batches) exactly."""
+    from puma_ray import score
     from puma_ray.score import run_score
 
     run_dir, cfg, _ = scored_run
-    copy = str(tmp_path / "copy")
-    shutil.copytree(run_dir, copy)
-    cfg2 = cfg.model_copy(deep=True)
-    cfg2.scoring.batch_size = 8  # many small batches, so the kill lands mid-run
-    cfg2.margin_model.checkpoint = os.path.join(run_dir, "margin_model", "model.pt")
-    killed = []
-    gcs = ray.get_runtime_context().gcs_address  # this test's cluster, even if others run here
-
-    def rows_done(actors) -> int:
-        """Rows the scorers reported to the stage's progress counter so far."""
-        counters = [a for a in actors if a.class_name == "RowCounter" and a.name]
-        try:
-            return ray.get(ray.get_actor(counters[0].name).get.remote(), timeout=5)
-        except Exception:  # not started yet, or already gone
-            return 0
-
-    def killer():
-        deadline = time.time() + 120
-        while time.time() < deadline and not killed:
-            actors = list_actors(address=gcs, filters=[("state", "=", "ALIVE")], detail=True)
-            scorers = [a for a in actors if "MarginScorer" in (a.class_name or "")]
-            done = rows_done(actors) if scorers else 0
-            if done > 0:  # the first batches are in: kill a scorer while the rest are not
-                os.kill(scorers[0].pid, signal.SIGKILL)
-                killed.append(done)
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
+    copy, cfg2 = _copy_of(run_dir, tmp_path, cfg)
+    assert cfg2.scoring.max_retries >= 1 and cfg2.scoring.batch_size == 32  # as scored_run
+    marker, log_dir = str(tmp_path / "killed.json"), tmp_path / "log"
+    log_dir.mkdir()
+    monkeypatch.setattr(score, "MarginScorer", _kill_once_scorer(marker, str(log_dir)))
     summary = run_score(cfg2, copy, force=True, log=lambda _m: None)
-    thread.join(timeout=5)
-    assert killed, "no scorer actor was found to kill"
-    assert killed[0] < 600, "the kill came after the last batch"
-    got = _scores(copy)
-    assert len(got["id"]) == 600 and len(set(got["id"])) == 600
+
+    assert os.path.exists(marker), "no scorer was killed"
+    killed = json.loads(open(marker).read())
+    starts = (log_dir / "starts").read_text().split()
+    assert len(starts) >= 3, f"2 actors and at least one restart expected, got {starts}"
+    done = {}  # pid -> batches (id lists) it finished
+    for f in log_dir.glob("done-*"):
+        done[int(f.name.split("-")[1])] = [json.loads(x) for x in f.read_text().splitlines()]
+    assert killed["ids"] not in done.get(killed["pid"], [])  # it died with the batch
+    retried_by = [pid for pid, batches in done.items() if killed["ids"] in batches]
+    assert retried_by and killed["pid"] not in retried_by, "the killed batch was not retried"
+
+    got, want = _scores(copy), _scores(run_dir)
     assert summary.rows_scored_now == 600
+    assert len(got["id"]) == 600 and len(set(got["id"])) == 600
+    for column in SCORE_COLUMNS:
+        assert got[column] == want[column], column
+    manifests = [
+        json.loads(open(os.path.join(d, "scores", "manifest.json")).read()) for d in (copy, run_dir)
+    ]
+    assert manifests[0]["state_fingerprint"] == manifests[1]["state_fingerprint"]
 
 
 def test_embeddings_pass(scored_run, tmp_path):

@@ -92,30 +92,49 @@ def test_bad_search_space_is_one_line_naming_the_key(override, expected):
     assert expected in str(info.value) and "\n" not in str(info.value)
 
 
-def test_bad_search_space_refused_before_ray_starts(tmp_path, capsys):
-    import ray
+# Runs in a fresh interpreter: this one may already hold the session's Ray from an earlier test,
+# and then "Ray was not started" could not fail.
+_REFUSED = """
+import json, sys
+from puma_ray.cli import main
+from puma_ray.config import load_config
+from puma_ray.errors import ConfigError
+from puma_ray.sweep import run_sweep
 
-    from puma_ray.cli import main
+run_dir, base = sys.argv[1], json.loads(sys.argv[2])
+out = {"rc": main(["sweep", "--set", "sweep.space={pruning.ratio: {grid: [0.3, 1.0]}}",
+                   "--run-dir", run_dir])}
+refused = []
+cap = ["scoring.norm=l2", "training.attack.norm=linf"]
+margin_cap = "sweep.space={pruning.eps_rule: {grid: [scale_lowest, margin_cap]}}"
+for sets in (["sweep.asha=true", "ray.num_workers=0"], [margin_cap, *cap]):
+    try:
+        run_sweep(load_config(None, base + sets), run_dir, log=print)
+    except ConfigError as e:
+        refused.append(str(e))
+out["refused"] = refused
+out["ray_initialized"] = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+print("RESULT " + json.dumps(out))
+"""
 
-    before = ray.is_initialized()
+
+def test_bad_search_space_refused_before_ray_starts(tmp_path):
     run_dir = tmp_path / "run"
-    rc = main(
-        ["sweep", "--set", "sweep.space={pruning.ratio: {grid: [0.3, 1.0]}}"]
-        + [
-            "--run-dir",
-            str(run_dir),
-        ]
+    proc = subprocess.run(
+        [sys.executable, "-c", _REFUSED, str(run_dir), json.dumps(BASE)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    assert rc == 2
-    assert "sweep.space: pruning.ratio: must be in [0, 1) (got 1.0)" in capsys.readouterr().err
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sweep.space: pruning.ratio: must be in [0, 1) (got 1.0)" in proc.stderr
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result["rc"] == 2
     # combinations run_sweep checks itself, also before Ray
-    with pytest.raises(ConfigError, match=r"^sweep\.asha: needs ray\.num_workers >= 1"):
-        run_sweep(_cfg("sweep.asha=true", "ray.num_workers=0"), str(run_dir), log=_quiet)
-    cap = ["scoring.norm=l2", "training.attack.norm=linf"]
-    margin_cap = "sweep.space={pruning.eps_rule: {grid: [scale_lowest, margin_cap]}}"
-    with pytest.raises(ConfigError, match=r"eps_rule=margin_cap: pruning.eps_rule=margin_cap"):
-        run_sweep(_cfg(margin_cap, *cap), str(run_dir), log=_quiet)
-    assert ray.is_initialized() == before
+    asha, margin_cap = result["refused"]
+    assert asha.startswith("sweep.asha: needs ray.num_workers >= 1")
+    assert "eps_rule=margin_cap: pruning.eps_rule=margin_cap" in margin_cap
+    assert result["ray_initialized"] is False
     assert not run_dir.exists()
 
 
@@ -156,21 +175,30 @@ def inputs(tmp_path_factory, ray_local):
 
 
 def _fresh_run_dir(inputs, path) -> str:
-    """A run directory sharing the module's inputs (symlinks), with its own MLflow store."""
+    """A run directory sharing the module's inputs (symlinks), with its own MLflow store.
+    Its sweeps must name the shared margin model (`_reuse`): the scores' state holds the
+    checkpoint's path, so a run dir's own `margin_model/model.pt` would discard and rewrite them,
+    through the symlink, in the shared directory."""
     path.mkdir()
     for sub in ("data", "margin_model", "scores"):
         os.symlink(os.path.join(inputs, sub), path / sub)
     return str(path)
 
 
+def _reuse(inputs) -> str:
+    """The override that makes a sweep find the module's margin model and scores up to date."""
+    return f"margin_model.checkpoint={os.path.join(inputs, 'margin_model', 'model.pt')}"
+
+
 @pytest.fixture(scope="module")
 def grid_sweep(inputs, tmp_path_factory):
     run_dir = _fresh_run_dir(inputs, tmp_path_factory.mktemp("grid") / "run")
-    cfg = _cfg(GRID, "sweep.max_concurrent_trials=2")
+    cfg = _cfg(GRID, "sweep.max_concurrent_trials=2", _reuse(inputs))
     result = run_sweep(cfg, run_dir, log=_quiet)
     return run_dir, result
 
 
+@pytest.mark.ray
 def test_trial_resources_must_fit(ray_local, tmp_path):
     from puma_ray.sweep import _fit_concurrency, trial_resources
 
@@ -188,6 +216,8 @@ def test_trial_resources_must_fit(ray_local, tmp_path):
     assert not (tmp_path / "run" / "sweep").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_grid_sweep_completes(grid_sweep):
     run_dir, result = grid_sweep
     assert result.complete and not result.restored
@@ -217,6 +247,8 @@ def test_grid_sweep_completes(grid_sweep):
         _check_png(os.path.join(result.report_dir, "plots", name))
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_mlflow_holds_one_parent_and_a_child_per_trial(grid_sweep, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -284,6 +316,8 @@ def test_mlflow_holds_one_parent_and_a_child_per_trial(grid_sweep, tmp_path):
     )
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_report_command_reads_mlflow_without_ray(grid_sweep, tmp_path):
     run_dir, result = grid_sweep
     out = tmp_path / "report"
@@ -322,6 +356,8 @@ def test_report_command_reads_mlflow_without_ray(grid_sweep, tmp_path):
     assert proc.returncode == 2 and "no experiment 'no-such-exp'" in proc.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_restore_reruns_only_unfinished_trials(inputs, tmp_path):
     """A trial fails once after training; the restore runs that trial alone: it resumes
     (training skipped) and the finished baseline trial is neither rerun nor logged twice.
@@ -335,6 +371,7 @@ def test_restore_reruns_only_unfinished_trials(inputs, tmp_path):
         "sweep.max_concurrent_trials=2",
         "ray.num_workers=0",
         "ray.cpus_per_worker=0.5",
+        _reuse(inputs),
     )
     fail = {"values": {"pruning.ratio": 0.5}, "marker": str(tmp_path / "failed-once")}
     first = run_sweep(cfg, run_dir, log=_quiet, debug_fail=fail)

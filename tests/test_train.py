@@ -172,6 +172,8 @@ def test_lr_schedule_warmup_then_cosine():
 # The stage.
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_in_process_train_then_rerun_is_noop(data_dir, tmp_path):
     run_dir = _fresh_run_dir(data_dir, tmp_path)
     cfg = _cfg("ray.num_workers=0", "training.objective=trades", "training.ema_decay=0.9")
@@ -203,6 +205,8 @@ def _kept_ids(run_dir, source):
     return set(ids[table["source"].to_numpy(zero_copy_only=False) == source].tolist())
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_fixed_epoch_length_draws_mixed_batches_across_passes(data_dir, tmp_path):
     """epoch_length fixed: 100 samples per epoch whatever the kept set's size, every batch
     0.3 real; the real stream (96 rows, 10 per batch) runs out inside epoch 3 and carries on."""
@@ -224,6 +228,8 @@ def test_fixed_epoch_length_draws_mixed_batches_across_passes(data_dir, tmp_path
     assert len(set(real[:96].tolist())) == 96 and set(real[96:]) <= set(real[:96])
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_ddp_two_workers(data_dir, tmp_path):
     """2 CPU workers, batches of half real, half synthetic rows: every batch has the ratio, the
     workers see disjoint rows (the synthetic stream within an epoch, the smaller real stream
@@ -276,6 +282,8 @@ def test_ddp_two_workers(data_dir, tmp_path):
     assert again.mlflow_run_id == s.mlflow_run_id  # the same MLflow run continues
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_killed_worker_resumes_from_checkpoint(data_dir, tmp_path):
     run_dir = _fresh_run_dir(data_dir, tmp_path)
     marker = str(tmp_path / "failed-once")
@@ -291,6 +299,8 @@ def test_killed_worker_resumes_from_checkpoint(data_dir, tmp_path):
     assert s.resumed_from_epoch == 0  # this call started fresh; Ray resumed it internally
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_full_dataset_margin_model_then_evaluate(data_dir, tmp_path):
     from puma_ray.evaluate import run_evaluate
 
@@ -320,6 +330,8 @@ def test_full_dataset_margin_model_then_evaluate(data_dir, tmp_path):
     assert logged["autoattack_acc"] == aa.autoattack_acc
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_pgd_at_beats_standard_training_on_pgd_accuracy(tmp_path, ray_local):
     """The same small CNN, data and steps: PGD-AT (eps 8/255, ramped in over 4 epochs) ends with
     a clearly higher PGD-5 accuracy than standard training, which learns only non-robust
