@@ -4,6 +4,9 @@ The defaults *are* the embedded demo (builtin data, small CNN, PUMA); `tune_conf
 spells them out and a test keeps the two equal. Every error names its YAML path
 (`pruning.ratio: must be in [0, 1) (got 1.5)`), and `--set a.b=c` overrides go through the same
 validation as the file.
+
+Length: one module on purpose: every knob of the pipeline lives in this one schema, each with
+its unit and default, so a user reads the whole configuration in one place.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ only slower. We never call `ray.init()` here, so a library user is not surprised
 Id scheme (see docs/data.md): `id = source offset + part block + row index`, where the source
 offset is `data.sources[i].id_offset` or `i * 2**40`, and the part block is 0 for train rows,
 2**38 for builtin synthetic rows and 2**39 for test rows.
+
+Length: one module on purpose: planning, checking and writing share the per-source plan, and
+the order of those steps (check everything, then write, manifest last) is the point.
 """
 
 from __future__ import annotations

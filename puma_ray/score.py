@@ -11,6 +11,9 @@ Resuming: a rerun keeps each shard directory whose rows match its input shard's 
 scores only the rest, in one streaming pass. Changed settings discard all old scores. A scorer
 actor that dies is restarted by Ray and its batch retried; nothing is committed by a failed
 attempt, and the exactly-once check at the end would catch it if it were.
+
+Length: one module on purpose: the stage's state file, actor, resume rule and exactly-once
+check are one contract and are read together.
 """
 
 from __future__ import annotations

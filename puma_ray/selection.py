@@ -18,6 +18,9 @@ What lives here (the stage in `puma_ray.prune` only reads shards, runs passes an
   (the driver's radix select over those passes, O(buckets x targets) memory), then `apply_cuts`
   (kept mask and per-sample epsilon of one shard from the cut keys).
 * **k-NN extrapolation** (Nieth et al., arXiv 2406.13283): `extrapolation_subset` and `knn_mean`.
+
+Length: one module on purpose (about a third docstrings): the order, the strategies and the
+epsilon rules share the one key encoding, and each rule is read against it here.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Sample shards: exact round-trip, the on-disk format of DESIGN.md, streaming reads of 200k rows
+"""Sample shards: exact round-trip, the on-disk format of docs/data.md, streaming reads of 200k rows
 in bounded memory, an incomplete set refused, and corrupt or truncated files named in the error."""
 
 import json

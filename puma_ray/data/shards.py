@@ -12,6 +12,9 @@ not grow with the number of rows.
 
 Images are stored as `fixed_size_binary(H*W*C)` of raw uint8 HWC bytes: no codec to decode, no
 per-row length to check, and a column that slices straight into a numpy array.
+
+Length: one module on purpose: it is the on-disk format, writer and reader side by side, so
+the two cannot drift apart.
 """
 
 from __future__ import annotations
