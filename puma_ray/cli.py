@@ -1,7 +1,7 @@
 """`puma-ray STAGE [CONFIG] [--set k=v ...] [--run-dir DIR] [Ray flags]`.
 
 The CLI only parses, validates and calls the stage modules; heavy imports (torch, Ray) happen
-inside the commands so `--help` and config errors answer at once.
+inside the commands so `--help`, `--version` and config errors answer at once.
 """
 
 from __future__ import annotations
@@ -11,11 +11,43 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from puma_ray.config import PipelineConfig, dump_yaml, load_config
-from puma_ray.errors import PumaRayError
+from puma_ray.config import PipelineConfig, dump_yaml, load_config, schema_markdown
+from puma_ray.errors import ConfigError, PumaRayError
 
 DEFAULT_RUNS = "runs"
+# `run --force STAGE`: the stages of puma_ray.pipeline (STAGES, then one per baseline), named
+# here so that `--help` does not import it (tests/test_cli_polish.py keeps the two equal)
+RUN_STAGES = (
+    "ingest",
+    "margin_model",
+    "score",
+    "prune",
+    "train",
+    "evaluate",
+    "baseline_random",
+    "baseline_full",
+)
+# `--force` means one thing everywhere: redo even if up to date
+FORCE_HELP = "redo this stage even if it is up to date (its finished output is discarded)"
+FORCE_STAGE_HELP = (
+    "redo STAGE even if it is up to date, and every stage that reads its output (their "
+    "finished output is discarded); repeatable; STAGE is one of: " + ", ".join(RUN_STAGES)
+)
+
+
+def version() -> str:
+    """The installed package's version (its metadata), else puma_ray.__version__."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("puma-ray")
+    except PackageNotFoundError:
+        from puma_ray import __version__
+
+        return __version__
 
 
 def _common(p: argparse.ArgumentParser, *, config_positional: bool = True) -> None:
@@ -87,6 +119,9 @@ def _say(msg: str) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.schema:
+        sys.stdout.write(schema_markdown())
+        return 0
     cfg = _config(args)
     sys.stdout.write(dump_yaml(cfg))
     return 0
@@ -217,26 +252,52 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if result.complete else 1
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from puma_ray.errors import ConfigError
-    from puma_ray.report import load_report
+@dataclass(frozen=True)
+class ReportSource:
+    """Where `puma-ray report` reads: the MLflow store and experiment `puma-ray sweep` logs to
+    for the same config and run dir."""
 
-    experiment = args.config or "puma-ray"  # this command's positional names the experiment
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri and args.run_dir:
-        uri = f"sqlite:///{_absolute(args.run_dir)}/mlflow.db"
-    if not uri:
+    tracking_uri: str
+    experiment: str
+    run_dir: str
+
+
+def report_source(args: argparse.Namespace) -> ReportSource:
+    """The store and experiment of `puma-ray report [CONFIG]`, resolved as `puma-ray sweep CONFIG`
+    resolves them (no Ray, no MLflow): `--tracking-uri`, else tracking.tracking_uri, else
+    MLFLOW_TRACKING_URI, else `<run_dir>/mlflow.db`, the run dir being `--run-dir` or
+    runs/<name>; the experiment is `--experiment`, else tracking.experiment."""
+    from puma_ray.tracking import absolute_uri, tracking_uri
+
+    path = args.config
+    if path and not os.path.exists(path) and not path.endswith((".yaml", ".yml")):
+        # `puma-ray report EXPERIMENT` was this command's form before it took the config
         raise ConfigError(
-            "no MLflow store: give --tracking-uri URI (puma-ray sweep prints it), "
-            "--run-dir DIR (its mlflow.db) or set MLFLOW_TRACKING_URI"
+            f"{path}: no such config file; `puma-ray report` takes the sweep's config (for its "
+            f"experiment and run dir); to name an MLflow experiment, use --experiment {path}"
         )
-    report = load_report(uri, experiment, parent_run_id=args.run_id)
-    # default: beside a sqlite store (the run dir, which is git-ignored), else ./reports
+    cfg = load_config(path)
+    run_dir = _run_dir(args, cfg)
+    uri = args.tracking_uri or tracking_uri(cfg.tracking, run_dir)
+    if uri is None:
+        raise ConfigError(
+            f"{path or '<default>'}: tracking.tracking_uri: tracking is off, so there is no "
+            "MLflow store to read; give --tracking-uri URI"
+        )
+    return ReportSource(absolute_uri(uri), args.experiment or cfg.tracking.experiment, run_dir)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from puma_ray.report import load_report
     from puma_ray.tracking import sqlite_path
 
-    db = sqlite_path(uri)
+    src = report_source(args)
+    report = load_report(src.tracking_uri, src.experiment, parent_run_id=args.run_id)
+    # default: beside a sqlite store (the run dir, which is git-ignored), else ./reports
+    db = sqlite_path(src.tracking_uri)
     base = os.path.join(os.path.dirname(db), "reports") if db else "reports"
-    out = _absolute(args.out or os.path.join(base, f"{experiment}-{report.parent_run_id[:8]}"))
+    folder = f"{report.experiment}-{report.parent_run_id[:8]}".replace("/", "_")
+    out = _absolute(args.out or os.path.join(base, folder))
     files = report.write(out)
     _say(report.format())
     _say(f"report: {len(files)} files in {out} ({', '.join(files)})")
@@ -255,20 +316,101 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "config": (cmd_config, "print the fully resolved config (defaults, file and --set merged)"),
 }
 
+# `puma-ray COMMAND --help` ends with these: real command lines, from the repository root.
+EXAMPLES = {
+    "ingest": """\
+  puma-ray ingest                          # the demo's builtin data -> runs/demo/data
+  puma-ray ingest tune_configs/cifar10_edm1m.yaml --run-dir s3://BUCKET/runs/edm1m
+  puma-ray ingest --force --no-parallel    # rebuild the shards, in this process""",
+    "score": """\
+  puma-ray score --run-dir runs/demo       # after ingest and `train --dataset full`
+  puma-ray score --set margin_model.checkpoint=robust.pt    # score with a given model
+  puma-ray score --force                   # rescore every row, discarding finished shards""",
+    "prune": """\
+  puma-ray prune --set pruning.ratio=0.3   # -> runs/demo/kept
+  puma-ray prune --set pruning.strategy=random --out-dir runs/demo/kept_random
+  puma-ray prune --force --no-parallel     # prune again, in this process""",
+    "train": """\
+  puma-ray train --dataset full            # the margin model -> runs/demo/margin_model
+  puma-ray train                           # the kept set -> runs/demo/train
+  puma-ray train --num-workers 0 --set training.epochs=1   # in-process, for debugging""",
+    "evaluate": """\
+  puma-ray evaluate runs/demo/train/model.pt
+  puma-ray evaluate runs/demo/train/model.pt --set evaluation.subset=null
+  puma-ray evaluate model.pt --config tune_configs/cifar10_edm1m.yaml --run-dir runs/edm1m""",
+    "run": """\
+  puma-ray run                             # the embedded demo (builtin data, CPU)
+  puma-ray run --compare                   # + the random-subset and full-data baselines
+  puma-ray run --force score               # score again, then prune, train and evaluate""",
+    "sweep": """\
+  puma-ray sweep tune_configs/sweep_demo.yaml      # 2 x 2 grid + unpruned baseline
+  puma-ray sweep tune_configs/sweep_demo.yaml --run-dir runs/demo   # reuse the demo's scores
+  puma-ray sweep --smoke-test --set 'sweep.space.pruning.ratio={grid: [0.2, 0.5]}'""",
+    "report": """\
+  puma-ray report tune_configs/sweep_demo.yaml     # runs/sweep_demo, experiment sweep-demo
+  puma-ray report tune_configs/sweep_demo.yaml --run-dir runs/demo --out /tmp/report
+  puma-ray report --experiment sweep-demo --tracking-uri http://127.0.0.1:5000""",
+    "config": """\
+  puma-ray config tune_configs/sweep_demo.yaml --set pruning.ratio=0.5
+  puma-ray config --smoke-test             # what --smoke-test changes
+  puma-ray config --schema > docs/config.md   # the reference of every key""",
+}
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    """`report` reads MLflow only: no --set, no Ray flags, no --smoke-test."""
+    p.add_argument(
+        "config",
+        nargs="?",
+        help="the sweep's pipeline YAML, for its tracking.experiment and run dir runs/<name> "
+        "(default: the embedded demo)",
+    )
+    p.add_argument(
+        "--run-dir",
+        help="the sweep's run directory, whose mlflow.db is read (default: runs/<config name>)",
+    )
+    p.add_argument(
+        "--experiment",
+        help="MLflow experiment (name or id) to read (default: the config's "
+        "tracking.experiment, as `puma-ray sweep` uses)",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow store to read (default: tracking.tracking_uri, else MLFLOW_TRACKING_URI, "
+        "else the sqlite store of the run dir)",
+    )
+    p.add_argument("--run-id", help="the sweep's parent run (default: the latest sweep)")
+    p.add_argument(
+        "--out",
+        help="folder for results.md/.csv and plots/ "
+        "(default: reports/<experiment>-<run id> beside a sqlite store, else in .)",
+    )
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="puma-ray",
         description="Margin-based data pruning (PUMA) for adversarial training, on Ray.",
+        epilog="`puma-ray COMMAND --help` shows a command's arguments and examples.",
     )
+    parser.add_argument("--version", action="version", version=f"puma-ray {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_fn, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog="examples:\n" + EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        if name == "report":
+            _report_args(p)
+            continue
         if name == "evaluate":  # `puma-ray evaluate CHECKPOINT`: the model is what it is about
             p.add_argument("checkpoint", help="model.pt to evaluate (a local path or URI)")
         _common(p, config_positional=name != "evaluate")
         if name in ("ingest", "score", "prune", "train"):
-            p.add_argument("--force", action="store_true", help="redo even if up to date")
+            p.add_argument("--force", action="store_true", help=FORCE_HELP)
         if name == "score":
             p.add_argument(
                 "--embeddings",
@@ -298,10 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
                 dest="force_stage",
                 action="append",
                 default=[],
+                choices=RUN_STAGES,
                 metavar="STAGE",
-                help="redo STAGE and every stage that uses its output, discarding their "
-                "finished results (repeatable; stages: ingest, margin_model, score, prune, "
-                "train, evaluate, baseline_random, baseline_full)",
+                help=FORCE_STAGE_HELP,
             )
             p.add_argument(
                 "--compare",
@@ -325,22 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="start the sweep over instead of restoring an interrupted one",
             )
-        if name == "report":
-            for action in p._actions:  # the shared positional names the experiment here
-                if action.dest == "config":
-                    action.metavar = "EXPERIMENT"
-                    action.help = "MLflow experiment of the sweep (default: puma-ray)"
+        if name == "config":
             p.add_argument(
-                "--tracking-uri",
-                help="MLflow store to read (default: MLFLOW_TRACKING_URI, else the sqlite "
-                "store of --run-dir)",
+                "--schema",
+                action="store_true",
+                help="print the reference of every config key (Markdown: dotted path, type, "
+                "default, description) instead of a config; docs/config.md is its output",
             )
-            p.add_argument(
-                "--out",
-                help="folder for results.md/.csv and plots/ "
-                "(default: reports/<experiment>-<run id> beside a sqlite store, else in .)",
-            )
-            p.add_argument("--run-id", help="the sweep's parent run (default: the latest sweep)")
     return parser
 
 

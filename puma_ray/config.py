@@ -5,6 +5,9 @@ spells them out and a test keeps the two equal. Every error names its YAML path
 (`pruning.ratio: must be in [0, 1) (got 1.5)`), and `--set a.b=c` overrides go through the same
 validation as the file.
 
+Every field carries a description; `puma-ray config --schema` turns the models into the
+reference of every key (docs/config.md, kept equal to that output by tests/test_cli_polish.py).
+
 Length: one module on purpose: every knob of the pipeline lives in this one schema, each with
 its unit and default, so a user reads the whole configuration in one place.
 """
@@ -32,18 +35,21 @@ from pydantic import (
 from puma_ray.errors import ConfigError
 
 # --------------------------------------------------------------------------------------------
-# Value types with messages a user can act on.
+# Value types with messages a user can act on. Each check carries a `constraint` text, which the
+# generated reference (`puma-ray config --schema`, docs/config.md) prints in its type column.
 
 
 def _in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False):
     left, right = ("(" if lo_open else "["), (")" if hi_open else "]")
-    text = f"must be in {left}{_fmt(lo)}, {_fmt(hi)}{right}"
+    interval = f"{left}{_fmt(lo)}, {_fmt(hi)}{right}"
+    text = f"must be in {interval}"
 
     def check(v: float) -> float:
         if (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
             raise ValueError(f"{text} (got {v})")
         return v
 
+    check.constraint = f"in {interval}"
     return AfterValidator(check)
 
 
@@ -57,6 +63,10 @@ def _non_negative(v: float) -> float:
     if v < 0:
         raise ValueError(f"must be >= 0 (got {v})")
     return v
+
+
+_positive.constraint = "> 0"
+_non_negative.constraint = ">= 0"
 
 
 def _fmt(x: float) -> str:
@@ -91,54 +101,92 @@ class Strict(BaseModel):
 # source's position in the list times 2**40, so ids stay stable as long as the list does.
 
 ID_BLOCK = 2**40
+_ID_OFFSET = (
+    "first sample id of this source; null: its position in data.sources times 2^40, so ids "
+    "stay stable as long as the list does (docs/data.md)"
+)
 
 
 class BuiltinSource(Strict):
     """Procedural 10-class 32x32x3 images, deterministic from (seed, id); see data/builtin.py."""
 
-    type: Literal["builtin"] = "builtin"
-    real_train: NonNegInt = 4000
-    real_test: NonNegInt = 1000
-    synthetic: NonNegInt = 12000
-    ambiguous_fraction: Fraction01 = 0.1  # synthetic samples blended from two classes
-    mislabeled_fraction: Fraction01 = 0.05  # synthetic samples carrying a wrong label
-    noise: NonNegFloat = 0.12  # std of per-pixel Gaussian noise, in [0, 1] pixel units
-    seed: int = 0
-    id_offset: NonNegInt | None = None
+    type: Literal["builtin"] = Field("builtin", description="selects this kind of source")
+    real_train: NonNegInt = Field(4000, description="training rows marked `real`")
+    real_test: NonNegInt = Field(1000, description="test rows (the test split is never pruned)")
+    synthetic: NonNegInt = Field(
+        12000, description="training rows marked `synthetic` (the part pruning drops from)"
+    )
+    ambiguous_fraction: Fraction01 = Field(
+        0.1, description="share of synthetic samples blended from two classes"
+    )
+    mislabeled_fraction: Fraction01 = Field(
+        0.05, description="share of synthetic samples carrying a wrong label"
+    )
+    noise: NonNegFloat = Field(
+        0.12, description="std of the per-pixel Gaussian noise, in [0, 1] pixel units"
+    )
+    seed: int = Field(0, description="generator seed: each sample is a function of (seed, id)")
+    id_offset: NonNegInt | None = Field(None, description=_ID_OFFSET)
 
 
 class NpzSource(Strict):
     """A `.npz` with `image` uint8 NxHxWxC and `label` (the DM-Improves-AT synthetic format)."""
 
-    type: Literal["npz"] = "npz"
-    path: str
-    source: Literal["real", "synthetic"] = "synthetic"
-    # which split the rows go to: a user's own test set needs no torchvision (ids: docs/data.md)
-    split: Literal["train", "test"] = "train"
-    limit: PositiveInt | None = None  # take the first `limit` rows
-    id_offset: NonNegInt | None = None
+    type: Literal["npz"] = Field("npz", description="selects this kind of source")
+    path: str = Field(description="the .npz file: a local path or a URI (s3://, gs://)")
+    source: Literal["real", "synthetic"] = Field(
+        "synthetic", description="what its rows are marked (pruning.scope decides what may drop)"
+    )
+    split: Literal["train", "test"] = Field(
+        "train",
+        description="which split the rows go to; `test` makes this file the test split, so "
+        "your own data needs no torchvision",
+    )
+    limit: PositiveInt | None = Field(
+        None, description="take only the first `limit` rows; null: all"
+    )
+    id_offset: NonNegInt | None = Field(None, description=_ID_OFFSET)
 
 
 class TorchvisionSource(Strict):
     """CIFAR-10/100 or SVHN through torchvision. Never downloads unless `download: true`."""
 
-    type: Literal["torchvision"] = "torchvision"
-    name: Literal["cifar10", "cifar100", "svhn"] = "cifar10"
-    root: str = "~/.cache/puma_ray/torchvision"
-    download: bool = False
-    limit_train: PositiveInt | None = None
-    limit_test: PositiveInt | None = None
-    id_offset: NonNegInt | None = None
+    type: Literal["torchvision"] = Field("torchvision", description="selects this kind of source")
+    name: Literal["cifar10", "cifar100", "svhn"] = Field("cifar10", description="the dataset")
+    root: str = Field(
+        "~/.cache/puma_ray/torchvision", description="folder torchvision reads the dataset from"
+    )
+    download: bool = Field(False, description="download into `root` if the files are missing")
+    limit_train: PositiveInt | None = Field(
+        None, description="take only the first `limit_train` training rows; null: all"
+    )
+    limit_test: PositiveInt | None = Field(
+        None, description="take only the first `limit_test` test rows; null: all"
+    )
+    id_offset: NonNegInt | None = Field(None, description=_ID_OFFSET)
 
 
 Source = Annotated[BuiltinSource | NpzSource | TorchvisionSource, Field(discriminator="type")]
 
 
 class DataConfig(Strict):
-    name: str = "builtin"
-    sources: list[Source] = Field(default_factory=lambda: [BuiltinSource()], min_length=1)
-    num_classes: PositiveInt | None = None  # default: what the sources say (10 for builtin)
-    rows_per_shard: PositiveInt = 50_000  # ~150 MB of 32x32x3 images per Parquet file
+    """Where the samples come from; `puma-ray ingest` turns them into Parquet shards."""
+
+    name: str = Field(
+        "builtin", description="the dataset's name, recorded in the shards' dataset.json"
+    )
+    sources: list[Source] = Field(
+        default_factory=lambda: [BuiltinSource()],
+        min_length=1,
+        description="the sources, each a mapping with a `type` (below); a list written in a "
+        "file replaces the default list",
+    )
+    num_classes: PositiveInt | None = Field(
+        None, description="number of classes; null: what the sources say (10 for builtin)"
+    )
+    rows_per_shard: PositiveInt = Field(
+        50_000, description="rows per Parquet shard (50,000 32x32x3 images are ~150 MB)"
+    )
 
     def source_id_offset(self, index: int) -> int:
         src = self.sources[index]
@@ -166,49 +214,101 @@ def _known_arch(name: str) -> str:
     return name
 
 
+_known_arch.constraint = "(a registered model)"
+
+
 class ModelConfig(Strict):
-    arch: Annotated[str, AfterValidator(_known_arch)] = "small_cnn"  # see MODEL_NAMES
-    kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to create_model
+    """The network trained on the kept set."""
+
+    arch: Annotated[str, AfterValidator(_known_arch)] = Field(
+        "small_cnn", description=f"architecture: one of {', '.join(MODEL_NAMES)}"
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="keyword arguments of the architecture (e.g. depth, width); a mapping "
+        "written in a file replaces the default one",
+    )
 
 
 class AttackConfig(Strict):
     """The threat model used for training and robust evaluation."""
 
-    norm: Literal["linf", "l2"] = "linf"
-    epsilon: PositiveFloat = 8 / 255  # radius in [0, 1] pixel units; '8/255' is accepted
-    steps: PositiveInt = 10  # PGD steps during training
-    step_ratio: PositiveFloat = 0.25  # step size = step_ratio * eps_i, per sample
+    norm: Literal["linf", "l2"] = Field("linf", description="the norm of the perturbation ball")
+    epsilon: PositiveFloat = Field(
+        8 / 255, description="radius in [0, 1] pixel units; a fraction like 8/255 is accepted"
+    )
+    steps: PositiveInt = Field(10, description="PGD steps during training")
+    step_ratio: PositiveFloat = Field(
+        0.25, description="PGD step size as a multiple of each sample's epsilon"
+    )
 
 
 class TrainingConfig(Strict):
-    objective: Literal["pgd_at", "trades", "standard"] = "pgd_at"
-    trades_beta: NonNegFloat = 5.0
-    attack: AttackConfig = Field(default_factory=AttackConfig)
-    epochs: PositiveInt = 8
-    batch_size: PositiveInt = 128
-    lr: PositiveFloat = 0.1  # peak learning rate for batch_size
-    momentum: Fraction01 = 0.9
-    nesterov: bool = True
-    weight_decay: NonNegFloat = 5e-4  # not applied to BatchNorm or bias parameters
-    warmup_epochs: NonNegFloat = 1.0
-    # ramp every sample's training eps linearly from ~0 over this many epochs (0: off); PGD-AT
-    # from scratch at the full radius can stall at chance on hard data
-    eps_warmup_epochs: NonNegFloat = 0.0
-    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
-    label_smoothing: Fraction01 = 0.1
-    ema_decay: Annotated[float, _in_range(0, 1, hi_open=True)] = 0.0  # 0 disables EMA
-    # share of real rows in every batch when both sources exist (Wang et al.: 0.3); null lets
-    # batches follow the data's own mix (one stream over all rows)
-    real_fraction: Fraction01 | None = 0.3
-    augment: bool = True  # random crop (pad 4) + horizontal flip, on whole batches
-    # "kept": an epoch is as many samples as the training set has (pruning saves compute);
-    # "fixed": `samples_per_epoch` samples, whatever the set's size (Wang et al.: 50000)
-    epoch_length: Literal["kept", "fixed"] = "kept"
-    samples_per_epoch: PositiveInt | None = Field(default=None, validate_default=True)
-    amp: bool = True  # bf16 autocast on GPU; ignored on CPU
-    checkpoints_to_keep: PositiveInt = 2
-    max_failures: NonNegInt = 1
-    seed: int = 0
+    """The adversarial-training recipe (Ray Train, one run per kept set)."""
+
+    objective: Literal["pgd_at", "trades", "standard"] = Field(
+        "pgd_at", description="PGD adversarial training, TRADES, or plain (clean) training"
+    )
+    trades_beta: NonNegFloat = Field(5.0, description="TRADES: weight of the robustness term")
+    attack: AttackConfig = Field(
+        default_factory=AttackConfig, description="the attack training uses and evaluation measures"
+    )
+    epochs: PositiveInt = Field(8, description="training epochs")
+    batch_size: PositiveInt = Field(
+        128, description="global batch size: split equally over ray.num_workers"
+    )
+    lr: PositiveFloat = Field(0.1, description="peak learning rate (SGD) for batch_size")
+    momentum: Fraction01 = Field(0.9, description="SGD momentum")
+    nesterov: bool = Field(True, description="Nesterov momentum")
+    weight_decay: NonNegFloat = Field(
+        5e-4, description="weight decay; not applied to BatchNorm or bias parameters"
+    )
+    warmup_epochs: NonNegFloat = Field(
+        1.0, description="epochs of linear learning-rate warm-up to `lr`"
+    )
+    eps_warmup_epochs: NonNegFloat = Field(
+        0.0,
+        description="ramp every sample's training epsilon linearly from ~0 over this many "
+        "epochs (0: off); PGD-AT from scratch at the full radius can stall at chance on hard data",
+    )
+    schedule: Literal["cosine", "onecycle", "constant"] = Field(
+        "cosine", description="learning-rate schedule after the warm-up"
+    )
+    label_smoothing: Fraction01 = Field(0.1, description="label smoothing of the loss")
+    ema_decay: FractionOpen = Field(
+        0.0, description="decay of an exponential moving average of the weights; 0 disables EMA"
+    )
+    real_fraction: Fraction01 | None = Field(
+        0.3,
+        description="share of real rows in every batch when both real and synthetic rows exist "
+        "(Wang et al.: 0.3); null: batches follow the data's own mix (one stream over all rows)",
+    )
+    augment: bool = Field(
+        True, description="random crop (pad 4) and horizontal flip, on whole batches"
+    )
+    epoch_length: Literal["kept", "fixed"] = Field(
+        "kept",
+        description="`kept`: an epoch is as many samples as the training set has (pruning saves "
+        "compute); `fixed`: `samples_per_epoch` samples, whatever the set's size",
+    )
+    samples_per_epoch: PositiveInt | None = Field(
+        default=None,
+        validate_default=True,
+        description="samples per epoch with epoch_length: fixed (Wang et al.: 50000); must be "
+        "null with epoch_length: kept",
+    )
+    amp: bool = Field(True, description="bf16 autocast on GPU; ignored on CPU")
+    checkpoints_to_keep: PositiveInt = Field(
+        2, description="epoch checkpoints Ray Train keeps (training resumes from the last)"
+    )
+    max_failures: NonNegInt = Field(
+        1, description="Ray Train restarts after a worker failure, from the last checkpoint"
+    )
+    seed: int = Field(
+        0,
+        description="seeds the initial weights, the batch order, the augmentation and the PGD "
+        "starts of training and of its per-epoch check",
+    )
 
     @field_validator("samples_per_epoch")
     @classmethod
@@ -225,62 +325,135 @@ class TrainingConfig(Strict):
 class MarginModelConfig(Strict):
     """The robust model whose DeepFool margins rank the samples: a given checkpoint, or trained."""
 
-    checkpoint: str | None = None
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainingConfig = Field(default_factory=TrainingConfig)
+    checkpoint: str | None = Field(
+        None,
+        description="a model.pt to score with (local path or URI); null: train one on all the "
+        "samples with `model` and `train` (the `margin_model` stage of `puma-ray run`)",
+    )
+    model: ModelConfig = Field(
+        default_factory=ModelConfig, description="the margin model's network"
+    )
+    train: TrainingConfig = Field(
+        default_factory=TrainingConfig, description="the margin model's training recipe"
+    )
 
 
 class ScoringConfig(Strict):
-    norm: Literal["l2", "linf"] = "l2"
-    overshoot: NonNegFloat = 0.02
-    max_iter: PositiveInt = 50
-    candidates: PositiveInt | None = None  # top-k logits at the start; None = all classes
-    clip: bool = False  # keep iterates inside the [0, 1] image box
-    target: Literal["true", "predicted"] = "true"  # margin w.r.t. the true or predicted label
-    batch_size: PositiveInt = 256
-    embeddings: bool = False  # also write penultimate features (for `extrapolated`)
-    pool_min: PositiveInt = 1
-    pool_max: PositiveInt | None = None  # None = as many actors as the cluster's CPUs/GPUs allow
-    cpus_per_actor: PositiveFloat = 1.0
-    gpus_per_actor: NonNegFloat = 0.0
-    max_retries: NonNegInt = 3  # per-task retries when a scorer actor dies
+    """`puma-ray score`: DeepFool margins on a Ray Data actor pool."""
+
+    norm: Literal["l2", "linf"] = Field("l2", description="the norm DeepFool measures margins in")
+    overshoot: NonNegFloat = Field(
+        0.02, description="DeepFool overshoot: the step is (1 + overshoot) times the linear one"
+    )
+    max_iter: PositiveInt = Field(50, description="DeepFool iterations per sample at most")
+    candidates: PositiveInt | None = Field(
+        None, description="classes DeepFool considers: the top-k logits at the start; null: all"
+    )
+    clip: bool = Field(False, description="keep DeepFool's iterates inside the [0, 1] image box")
+    target: Literal["true", "predicted"] = Field(
+        "true", description="the margin with respect to the true or the predicted label"
+    )
+    batch_size: PositiveInt = Field(
+        256, description="rows per DeepFool batch; an actor's memory grows with it"
+    )
+    embeddings: bool = Field(
+        False, description="also write penultimate-layer features (the extrapolated strategy)"
+    )
+    pool_min: PositiveInt = Field(1, description="scoring actors at least")
+    pool_max: PositiveInt | None = Field(
+        None,
+        description="scoring actors at most; null: one per GPU, or as many CPU actors as fit in "
+        "all CPUs but one (Ray Data's reads and writes need a free CPU)",
+    )
+    cpus_per_actor: PositiveFloat = Field(1.0, description="logical CPUs per scoring actor")
+    gpus_per_actor: NonNegFloat = Field(0.0, description="GPUs per scoring actor")
+    max_retries: NonNegInt = Field(
+        3, description="restarts of a dead scoring actor, and retries of its batch"
+    )
 
 
 class ExtrapolationConfig(Strict):
     """Nieth et al.: score a random subset, extend by k-NN in an embedding space."""
 
-    scored_fraction: Annotated[float, _in_range(0, 1, lo_open=True)] = 0.1
-    k: PositiveInt = 12
-    base_strategy: Literal["puma", "high_margin", "low_margin"] = "puma"
+    scored_fraction: Annotated[float, _in_range(0, 1, lo_open=True)] = Field(
+        0.1, description="share of the rows DeepFool scores (chosen by a hash of the id)"
+    )
+    k: PositiveInt = Field(
+        12, description="neighbours whose margins estimate an unscored row's margin"
+    )
+    base_strategy: Literal["puma", "high_margin", "low_margin"] = Field(
+        "puma", description="the strategy applied to the scored and estimated margins"
+    )
 
 
 class PruningConfig(Strict):
+    """`puma-ray prune`: which samples are kept, and each kept sample's training epsilon."""
+
     strategy: Literal["puma", "high_margin", "low_margin", "random", "extrapolated", "none"] = (
-        "puma"
+        Field(
+            "puma",
+            description="`puma`: drop the highest margins, then apply eps_rule; `high_margin`: "
+            "drop the highest margins; `low_margin`: drop the lowest; `random`; `extrapolated`: "
+            "score a subset and estimate the rest by k-NN; `none`: keep everything",
+        )
     )
-    ratio: FractionOpen = 0.3  # fraction of in-scope samples dropped
-    scope: Literal["synthetic", "all"] = "synthetic"
-    per_class: bool = True
-    seed: int = 0
-    eps_rule: Literal["none", "scale_lowest", "margin_cap"] = "scale_lowest"
-    eps_scale: PositiveFloat = 0.5  # scale_lowest: eps_i = eps * eps_scale for the lowest q
-    eps_quantile: Fraction01 = 0.1  # scale_lowest: q, fraction of the kept set adjusted
-    eps_alpha: PositiveFloat = 1.0  # margin_cap: eps_i = min(eps, alpha * margin_i)
-    eps_floor: NonNegFloat = 0.0  # margin_cap: lower bound on eps_i
-    extrapolation: ExtrapolationConfig = Field(default_factory=ExtrapolationConfig)
+    ratio: FractionOpen = Field(0.3, description="fraction of the in-scope samples dropped")
+    scope: Literal["synthetic", "all"] = Field(
+        "synthetic",
+        description="`synthetic`: only synthetic rows can be dropped (real rows keep the base "
+        "epsilon); `all`: every row",
+    )
+    per_class: bool = Field(
+        True, description="drop the same fraction of every class (else one global threshold)"
+    )
+    seed: int = Field(
+        0,
+        description="seeds the `random` strategy's choice of rows and the `extrapolated` "
+        "strategy's scored subset",
+    )
+    eps_rule: Literal["none", "scale_lowest", "margin_cap"] = Field(
+        "scale_lowest",
+        description="the per-sample epsilon rule of `puma` (other strategies use none): "
+        "`scale_lowest` or `margin_cap` (docs/pruning.md)",
+    )
+    eps_scale: PositiveFloat = Field(
+        0.5, description="scale_lowest: `eps_i = epsilon * eps_scale` for the lowest-margin q"
+    )
+    eps_quantile: Fraction01 = Field(
+        0.1, description="scale_lowest: q, the fraction of the kept set whose epsilon is scaled"
+    )
+    eps_alpha: PositiveFloat = Field(
+        1.0, description="margin_cap: `eps_i = min(epsilon, eps_alpha * margin_i)`"
+    )
+    eps_floor: NonNegFloat = Field(0.0, description="margin_cap: lower bound on `eps_i`")
+    extrapolation: ExtrapolationConfig = Field(
+        default_factory=ExtrapolationConfig, description="settings of the extrapolated strategy"
+    )
 
 
 class EvaluationConfig(Strict):
-    pgd_steps: PositiveInt = 20
-    pgd_restarts: PositiveInt = 1
-    subset: PositiveInt | None = 1000  # test rows used; None = the whole test split
-    autoattack: bool = False  # needs the `eval` extra
-    batch_size: PositiveInt = 500
-    # the check after every training epoch (test_clean_acc / test_robust_acc, what ASHA
-    # stops on): a progress signal on at most `epoch_subset` of the `subset` rows, with
-    # PGD-`epoch_pgd_steps`; the `evaluate` stage is the measurement
-    epoch_subset: PositiveInt = 1000
-    epoch_pgd_steps: PositiveInt = 10
+    """`puma-ray evaluate`, and the check after every training epoch."""
+
+    pgd_steps: PositiveInt = Field(20, description="PGD steps of the robust evaluation")
+    pgd_restarts: PositiveInt = Field(
+        1, description="PGD random restarts; a row counts as robust only if it survives all"
+    )
+    subset: PositiveInt | None = Field(
+        1000, description="test rows evaluated; null: the whole test split"
+    )
+    autoattack: bool = Field(
+        False, description="also run AutoAttack (needs the `eval` extra: torchattacks)"
+    )
+    batch_size: PositiveInt = Field(500, description="rows per evaluation batch")
+    epoch_subset: PositiveInt = Field(
+        1000,
+        description="the check after every training epoch (test_clean_acc, test_robust_acc: "
+        "what ASHA stops on) uses at most this many of the `subset` rows; a progress signal, "
+        "the `evaluate` stage is the measurement",
+    )
+    epoch_pgd_steps: PositiveInt = Field(
+        10, description="PGD steps of the check after every training epoch"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,16 +473,23 @@ SWEEPABLE = (
 SWEEP_DISCRETE = ("pruning.strategy", "pruning.eps_rule", "pruning.seed", "training.seed")
 # what a trial measures at its end (evaluate's numbers and the training compute)
 SWEEP_METRICS = ("robust_acc", "clean_acc", "pgd_acc", "device_seconds")
+SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")
 
 
 class SearchDim(Strict):
     """One dimension: exactly one of grid (every value, crossed with the other grids) /
     choice (one sampled value per trial) / uniform or loguniform ([low, high] sampled)."""
 
-    grid: list[Any] | None = None
-    choice: list[Any] | None = None
-    uniform: tuple[float, float] | None = None
-    loguniform: tuple[float, float] | None = None
+    grid: list[Any] | None = Field(
+        None, description="every value, crossed with the other grid dimensions"
+    )
+    choice: list[Any] | None = Field(None, description="one value drawn per trial")
+    uniform: tuple[float, float] | None = Field(
+        None, description="[low, high]: one value drawn uniformly per trial"
+    )
+    loguniform: tuple[float, float] | None = Field(
+        None, description="[low, high], low > 0: one value drawn log-uniformly per trial"
+    )
 
     def model_post_init(self, _ctx: Any) -> None:
         given = [
@@ -353,29 +533,52 @@ def check_search_value(key: str, value: Any) -> Any:
 
 class SweepConfig(Strict):
     """`puma-ray sweep`: Ray Tune over prune and epsilon settings, one trial = prune → train →
-    evaluate (see puma_ray/sweep.py and docs/sweeps.md)."""
+    evaluate (see puma_ray/sweep/ and docs/sweeps.md)."""
 
     space: dict[str, SearchDim] = Field(
         default_factory=lambda: {
             "pruning.ratio": SearchDim(grid=[0.3, 0.6]),
             "pruning.eps_scale": SearchDim(grid=[0.5, 1.0]),
-        }
+        },
+        description="the search space: a mapping of search key to one dimension (below); a "
+        "space written in a file replaces the default one, `--set sweep.space.KEY=...` edits "
+        f"one key (null removes it). Search keys: {', '.join(SWEEPABLE)}",
     )
-    num_samples: PositiveInt = 1  # repeats of the grid; each draws its own choice/uniform values
-    metric: str = "robust_acc"  # what "best" means in the report: one of SWEEP_METRICS
-    mode: Literal["max", "min"] = "max"
-    asha: bool = False  # stop weak trials early on their per-epoch test robust accuracy
-    asha_grace_epochs: PositiveInt = 1  # ASHA never stops a trial before this many epochs
-    asha_reduction_factor: Annotated[float, _in_range(1, 100, lo_open=True)] = 2.0
-    max_concurrent_trials: PositiveInt = 1
-    # CPUs held by the trial's own process for the whole trial. It only orchestrates (prune and
-    # evaluation run as Ray tasks, training in its Train workers: ray.num_workers x
-    # ray.cpus_per_worker), like Ray Train's own controller, so 0 by default; with in-process
-    # training (ray.num_workers: 0) the trial holds ray.cpus_per_worker instead.
-    trial_cpus: NonNegFloat = 0.0
-    trial_max_failures: NonNegInt = 1  # Tune retries of a failed trial (training resumes)
-    # add one unpruned trial (every sample at the full epsilon) unless the space has one
-    baseline: bool = True
+    num_samples: PositiveInt = Field(
+        1, description="repeats of the grid; each draws its own choice/uniform values"
+    )
+    metric: str = Field(
+        "robust_acc",
+        description=f'what "best" means in the report: one of {", ".join(SWEEP_METRICS)}',
+    )
+    mode: Literal["max", "min"] = Field("max", description="whether the best metric is max or min")
+    asha: bool = Field(
+        False, description="stop weak trials early on their per-epoch test robust accuracy"
+    )
+    asha_grace_epochs: PositiveInt = Field(
+        1, description="ASHA never stops a trial before this many epochs"
+    )
+    asha_reduction_factor: Annotated[float, _in_range(1, 100, lo_open=True)] = Field(
+        2.0, description="ASHA's reduction factor: the share of trials each rung keeps is 1/this"
+    )
+    max_concurrent_trials: PositiveInt = Field(
+        1, description="trials at once (on a local instance capped to what the CPUs fit)"
+    )
+    trial_cpus: NonNegFloat = Field(
+        0.0,
+        description="CPUs the trial's own process holds for the whole trial. It only "
+        "orchestrates (prune and evaluation run as Ray tasks, training in its Train workers: "
+        "ray.num_workers x ray.cpus_per_worker), so 0; with in-process training "
+        "(ray.num_workers: 0) the trial holds ray.cpus_per_worker instead",
+    )
+    trial_max_failures: NonNegInt = Field(
+        1, description="Tune retries of a failed trial (its training resumes)"
+    )
+    baseline: bool = Field(
+        True,
+        description="add one unpruned trial (every sample at the full epsilon) unless the "
+        "space has one: the compute reference of the report",
+    )
 
     @field_validator("space")
     @classmethod
@@ -399,19 +602,59 @@ class SweepConfig(Strict):
         return metric
 
 
+DEFAULT_EXPERIMENT = "puma-ray"
+
+
+def _experiment(name: str | None) -> str:
+    """The MLflow experiment when the config names none (null, the default): the way MLflow
+    itself resolves it, MLFLOW_EXPERIMENT_NAME if set, else "puma-ray". A name in the file or
+    in --set wins over the variable. Resolved here, when the config is validated, so `sweep`,
+    `run`, `report` and `puma-ray config` all see the same name."""
+    if name is None:
+        return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    return name
+
+
 class TrackingConfig(Strict):
-    tracking_uri: str | None = None  # default: sqlite:///<run_dir>/mlflow.db (absolute)
-    experiment: str = "puma-ray"
-    artifact_location: str | None = None  # default: <run_dir>/mlartifacts
+    """MLflow: where runs are logged."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="the MLflow store; null: MLFLOW_TRACKING_URI if set, else "
+        "`sqlite:///<run_dir>/mlflow.db` (absolute); `none` switches tracking off",
+    )
+    experiment: Annotated[str | None, BeforeValidator(_experiment)] = Field(
+        None,
+        validate_default=True,
+        description="the MLflow experiment; null: MLFLOW_EXPERIMENT_NAME if set, else "
+        f"{DEFAULT_EXPERIMENT} (a name in the file or in --set wins over the variable)",
+    )
+    artifact_location: str | None = Field(
+        None, description="artifact root of a new experiment; null: `<run_dir>/mlartifacts`"
+    )
 
 
 class RayConfig(Strict):
-    address: str | None = None  # None: RAY_ADDRESS if set, else a new local instance
-    num_cpus: PositiveInt | None = None  # only for a new local instance
-    object_store_memory: PositiveInt | None = None  # bytes; only for a new local instance
-    num_workers: NonNegInt = 1  # Ray Train workers; 0 runs the loop in-process
-    cpus_per_worker: PositiveFloat = 1.0
-    use_gpu: bool = False
+    """Where and with what the Ray parts run."""
+
+    address: str | None = Field(
+        None, description="a Ray cluster to join; null: RAY_ADDRESS if set, else a new local one"
+    )
+    num_cpus: PositiveInt | None = Field(
+        None, description="CPUs of a new local instance (ignored when joining a cluster)"
+    )
+    object_store_memory: PositiveInt | None = Field(
+        None, description="object store bytes of a new local instance (ignored on a cluster)"
+    )
+    num_workers: NonNegInt = Field(
+        1, description="Ray Train workers; 0 runs the training loop in-process (debugging)"
+    )
+    cpus_per_worker: PositiveFloat = Field(1.0, description="logical CPUs per Ray Train worker")
+    use_gpu: bool = Field(
+        False,
+        description="one GPU per Ray Train worker, and per scoring actor unless "
+        "scoring.gpus_per_actor says otherwise",
+    )
 
 
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -441,22 +684,53 @@ def _run_name(name: str) -> str:
     return name
 
 
+_run_name.constraint = "(a plain folder name)"
+
+
 class PipelineConfig(Strict):
-    name: Annotated[str, AfterValidator(_run_name)] = "demo"
-    seed: int = 0
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    margin_model: MarginModelConfig = Field(default_factory=MarginModelConfig)
-    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
-    pruning: PruningConfig = Field(default_factory=PruningConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    sweep: SweepConfig = Field(default_factory=SweepConfig)
-    # `puma-ray run` also trains these baselines with the same recipe and evaluates them side by
-    # side: "full" (no pruning, uniform eps) and "random" (random sub-sampling at pruning.ratio)
-    compare: list[Literal["full", "random"]] = Field(default_factory=list)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
+    """The whole pipeline."""
+
+    name: Annotated[str, AfterValidator(_run_name)] = Field(
+        "demo",
+        description="the run's name: the run directory is `runs/<name>` unless `--run-dir` says "
+        "otherwise",
+    )
+    seed: int = Field(
+        0,
+        description="seeds the PGD random starts of the `evaluate` stage (row i's start in "
+        "restart r comes from (seed, i, r)), so robust accuracy is reproducible. It is part of "
+        "the margin model's and the training recipe's fingerprints, so changing it retrains "
+        "them on `puma-ray run`; training itself is seeded by training.seed (and "
+        "margin_model.train.seed), pruning by pruning.seed, builtin data by its source's seed",
+    )
+    data: DataConfig = Field(default_factory=DataConfig, description="the samples")
+    model: ModelConfig = Field(
+        default_factory=ModelConfig, description="the network trained on the kept set"
+    )
+    margin_model: MarginModelConfig = Field(
+        default_factory=MarginModelConfig, description="the model whose margins rank the samples"
+    )
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="DeepFool scoring")
+    pruning: PruningConfig = Field(
+        default_factory=PruningConfig, description="the kept set and its epsilons"
+    )
+    training: TrainingConfig = Field(
+        default_factory=TrainingConfig, description="the recipe trained on the kept set"
+    )
+    evaluation: EvaluationConfig = Field(
+        default_factory=EvaluationConfig, description="clean and robust accuracy"
+    )
+    sweep: SweepConfig = Field(
+        default_factory=SweepConfig, description="Ray Tune sweeps (`puma-ray sweep`)"
+    )
+    compare: list[Literal["full", "random"]] = Field(
+        default_factory=list,
+        description="baselines `puma-ray run` also trains with the same recipe and evaluates "
+        "beside PUMA: `full` (no pruning, uniform epsilon) and `random` (a random subset at "
+        "pruning.ratio); `--compare` sets both",
+    )
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray resources")
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,6 +781,13 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
         parsed = value
+    if parts[:2] == ["sweep", "space"] and len(parts) > 2:
+        # search keys hold dots: sweep.space.pruning.ratio is the key "pruning.ratio", and
+        # sweep.space.pruning.ratio.grid=[...] makes it that one dimension
+        rest = parts[2:]
+        if len(rest) > 1 and rest[-1] in SEARCH_KINDS:
+            rest, parsed = rest[:-1], {rest[-1]: parsed}
+        parts = ["sweep", "space", ".".join(rest)]
     return parts, parsed
 
 
@@ -540,6 +821,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                     f"--set {item}: {parts[-1]!r} is not an index of {'.'.join(parts[:-1])} "
                     f"(it has {n} item{'' if n == 1 else 's'})"
                 ) from None
+        elif value is None and parts[:2] == ["sweep", "space"] and len(parts) == 3:
+            node.pop(parts[-1], None)  # --set sweep.space.KEY=null drops that dimension
         else:
             node[parts[-1]] = value
     return out
@@ -572,12 +855,23 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return raw
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """Sections merge key by key; lists and scalars in `top` replace those in `base`."""
+# Mappings that are one value, not a section: written in a file, they replace the default
+# whole (a file's search space must not also sweep the default space's keys). Lists always do.
+WHOLE_MAPPINGS = ("sweep.space", "model.kwargs", "margin_model.model.kwargs")
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any], path: str = "") -> dict[str, Any]:
+    """Sections merge key by key; lists, scalars and the WHOLE_MAPPINGS in `top` replace
+    those in `base`."""
     out = dict(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+        where = f"{path}.{key}" if path else key
+        if (
+            isinstance(value, dict)
+            and isinstance(out.get(key), dict)
+            and where not in WHOLE_MAPPINGS
+        ):
+            out[key] = _merge(out[key], value, where)
         else:
             out[key] = value
     return out
@@ -589,7 +883,8 @@ def default_raw() -> dict[str, Any]:
 
 
 def smoke_test_overrides() -> list[str]:
-    """`--smoke-test`: tiny data and one short epoch, so any config runs in a minute on 2 CPUs."""
+    """`--smoke-test`: tiny data and one short epoch, so any config runs in a few minutes on 2
+    CPUs."""
     return [
         "data.sources=[{type: builtin, real_train: 512, real_test: 256, synthetic: 1024}]",
         "data.rows_per_shard=512",
@@ -659,4 +954,221 @@ def load_config(
 
 
 def dump_yaml(cfg: PipelineConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The config as YAML; each search dimension shows only the kind it has."""
+    raw = cfg.model_dump(mode="json")
+    space = raw["sweep"]["space"]
+    for key, dim in space.items():
+        space[key] = {k: v for k, v in dim.items() if v is not None}
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# The reference: `puma-ray config --schema`, committed as docs/config.md (a test keeps the two
+# equal), generated from the models above so it cannot drift from them.
+
+SCHEMA_INTRO = """\
+# Configuration reference
+
+Every key of the pipeline YAML: its dotted path, type, default and meaning. Generated from the
+schema in `puma_ray/config.py` by `puma-ray config --schema` (a test keeps this file equal to
+that output: edit the descriptions in the schema, then regenerate).
+
+How a config resolves: the defaults below, then the YAML file (`puma-ray COMMAND CONFIG`),
+then each `--set KEY=VALUE` (repeatable; values are YAML). Without a CONFIG a command uses the
+embedded demo (`tune_configs/demo.yaml`: these defaults shrunk for 2 CPUs).
+`puma-ray config [CONFIG] [--set ...]` prints the result; a bad key or value is refused with
+one line that names it, before anything runs.
+
+- Sections merge key by key. A list, or one of these mappings written in a file, replaces the
+  default as a whole (a file whose `sweep.space` names only `pruning.ratio` sweeps only that
+  key): {whole}.
+- `--set` edits one key: `--set training.epochs=3`, `--set data.sources.0.noise=0.2` (list
+  items by index), `--set 'sweep.space.pruning.ratio={{grid: [0.2, 0.5]}}'` (search keys keep
+  their dots), `--set sweep.space.pruning.eps_scale=null` (drops a search key).
+- Numbers may be written as fractions: `epsilon: 8/255`.
+- `null` defaults that name an environment variable (`tracking.tracking_uri`:
+  `MLFLOW_TRACKING_URI`, `tracking.experiment`: `MLFLOW_EXPERIMENT_NAME`, `ray.address`:
+  `RAY_ADDRESS`) use it when set; a value in the file or in `--set` wins over the variable.
+"""
+
+_BASIC_TYPES = {float: "float", int: "integer", str: "string", bool: "bool", Any: "any"}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def _section_type(hint: Any) -> type[BaseModel] | None:
+    return hint if isinstance(hint, type) and issubclass(hint, BaseModel) else None
+
+
+def _type_text(hint: Any) -> str:
+    """A reader's name for a field's type, with the checks its validators make."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        checks = [getattr(getattr(m, "func", None), "constraint", None) for m in args[1:]]
+        inner = typing.get_origin(args[0]) in (typing.Union, types.UnionType)
+        base = _type_text(args[0])
+        if inner and all(_section_type(a) for a in typing.get_args(args[0])):
+            return base  # the sources: a discriminated union
+        return " ".join([base, *(c for c in checks if c)])
+    if origin in (typing.Union, types.UnionType):
+        kinds = [a for a in args if a is not type(None)]
+        if all(_section_type(a) for a in kinds):
+            tags = [a.model_fields["type"].default for a in kinds]
+            text = f"source ({', '.join(tags)})"
+        else:
+            text = " or ".join(_type_text(a) for a in kinds)
+        return text + (" or null" if len(kinds) < len(args) else "")
+    if origin is Literal:
+        return "one of " + ", ".join(f"`{a}`" for a in args) if len(args) > 1 else f"`{args[0]}`"
+    if origin is list:
+        return "list" if args[0] is Any else f"list of {_type_text(args[0])}"
+    if origin is tuple:
+        return "[" + ", ".join(_type_text(a) for a in args) + "]"
+    if origin is dict:
+        if _section_type(args[1]) is SearchDim:
+            return "mapping of search key to dimension"
+        return "mapping"
+    return _BASIC_TYPES.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _plain(value: Any) -> Any:
+    """A default as the YAML a user would write: models without their default keys."""
+    if isinstance(value, BaseModel):
+        out = value.model_dump(mode="json", exclude_defaults=True)
+        if "type" in type(value).model_fields:  # a source: its kind first
+            out = {"type": value.type, **out}
+        return out
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _default_text(info: Any) -> str:
+    from pydantic_core import PydanticUndefined
+
+    if info.default_factory is not None:
+        value = info.default_factory()
+    elif info.default is PydanticUndefined:
+        return "required"
+    else:
+        value = info.default
+    if isinstance(value, float) and not value.is_integer():
+        frac = Fraction(value).limit_denominator(255)
+        if frac.denominator == 255 and float(frac) == value:
+            return f"`{frac.numerator}/255`"
+    text = yaml.safe_dump(
+        _plain(value), default_flow_style=True, width=10**6, sort_keys=False
+    ).strip()
+    return f"`{text.removesuffix('...').strip()}`"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _summary(cls: type) -> str:
+    return " ".join((cls.__doc__ or "").split())
+
+
+def _canonical_paths() -> dict[type, str]:
+    """Where each section model is documented: its shallowest path (`training`, not
+    `margin_model.train`); other places refer to it."""
+    found: dict[type, tuple[int, str]] = {}
+
+    def walk(cls: type[BaseModel], path: str) -> None:
+        for name, hint in _hints(cls).items():
+            sub = _section_type(hint)
+            if sub is not None:
+                where = f"{path}.{name}" if path else name
+                if sub not in found or where.count(".") < found[sub][0]:
+                    found[sub] = (where.count("."), where)
+                walk(sub, where)
+
+    walk(PipelineConfig, "")
+    return {cls: path for cls, (_, path) in found.items()}
+
+
+def schema_markdown() -> str:
+    """The configuration reference in Markdown: every key with its type, default and meaning."""
+    canonical = _canonical_paths()
+    out = [SCHEMA_INTRO.format(whole=", ".join(f"`{k}`" for k in WHOLE_MAPPINGS))]
+
+    def table(cls: type[BaseModel], prefix: str) -> list[tuple[str, type, str]]:
+        """Rows of `cls`'s plain keys; returns its section keys for the caller."""
+        rows, sections = [], []
+        hints = _hints(cls)
+        for name, info in cls.model_fields.items():
+            hint = hints[name]
+            if _section_type(hint) is not None:
+                sections.append((name, _section_type(hint), info.description or ""))
+                continue
+            rows.append(
+                f"| `{prefix}{name}` | {_cell(_type_text(hint))} | {_cell(_default_text(info))} "
+                f"| {_cell(info.description or '')} |"
+            )
+        if rows:
+            out.extend(["| key | type | default | description |", "|---|---|---|---|", *rows, ""])
+        return sections
+
+    def section(cls: type[BaseModel], path: str, description: str, level: int) -> None:
+        out.append(f"{'#' * level} `{path}`\n")
+        description = description[:1].upper() + description[1:]
+        home = canonical.get(cls, path)
+        if home != path:
+            same = "keys and defaults" if _same_defaults(path, home) else "keys"
+            anchor = home.replace(".", "")
+            out.append(f"{description}. The same {same} as [`{home}`](#{anchor}).\n")
+            return
+        out.append(f"{description}.\n")
+        for name, sub, text in table(cls, path + "."):
+            section(sub, f"{path}.{name}", text, level + 1)
+        extra = _EXTRA_SECTIONS.get(path)
+        if extra:
+            extra(out, path, level + 1, table)
+
+    out.append("## Top level\n")
+    for name, sub, text in table(PipelineConfig, ""):
+        section(sub, name, text, 2)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _same_defaults(path: str, home: str) -> bool:
+    default = PipelineConfig(name="x")
+    return _at(default, path) == _at(default, home)
+
+
+def _at(cfg: BaseModel, path: str) -> Any:
+    node: Any = cfg
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _sources_section(out: list[str], path: str, level: int, table) -> None:
+    for cls in (BuiltinSource, NpzSource, TorchvisionSource):
+        tag = cls.model_fields["type"].default
+        out.append(f"{'#' * level} `{path}.sources[]` with `type: {tag}`\n")
+        out.append(f"{_summary(cls)}\n")
+        table(cls, f"{path}.sources[].")
+
+
+def _space_section(out: list[str], path: str, level: int, table) -> None:
+    out.append(f"{'#' * level} `{path}.space.<key>`\n")
+    out.append(
+        f"{_summary(SearchDim)} Keys: {', '.join(f'`{k}`' for k in SWEEPABLE)}; "
+        f"{', '.join(f'`{k}`' for k in SWEEP_DISCRETE)} take grid or choice only. Every value "
+        "is checked against the field it sets before Ray starts.\n"
+    )
+    table(SearchDim, f"{path}.space.<key>.")
+
+
+_EXTRA_SECTIONS = {"data": _sources_section, "sweep": _space_section}

@@ -1,7 +1,8 @@
-"""`puma-ray report [EXPERIMENT]`: a sweep's results read back from MLflow alone (no Ray, no run
-directory): a table (Markdown and CSV) and four plots. `puma-ray sweep` runs the same code at
-its end and logs the files on the sweep's parent run, so the MLflow UI and this command show
-the same numbers.
+"""`puma-ray report [CONFIG]`: a sweep's results read back from MLflow alone (no Ray; nothing
+but the MLflow store is read): a table (Markdown and CSV) and four plots. `puma-ray sweep` runs
+the same code at its end and logs the files on the sweep's parent run, so the MLflow UI and this
+command show the same numbers. The CLI reads the store and experiment the sweep of CONFIG logs
+to (`puma_ray.cli.report_source`); `--experiment` / `--tracking-uri` name others.
 
 What the plots show (docs/sweeps.md has an example of each):
 - pareto.png: clean vs robust accuracy per finished trial. The Pareto front (no other trial is
@@ -200,7 +201,10 @@ def _client(tracking_uri: str):
     db = sqlite_path(tracking_uri)
     if db is not None and not os.path.exists(db):
         # MlflowClient would create an empty store there and then find nothing
-        raise ReportError(f"{redact(tracking_uri)}: no MLflow store at {db}")
+        raise ReportError(
+            f"{redact(tracking_uri)}: no MLflow store at {db} (has `puma-ray sweep` run with "
+            "this config? else give its --run-dir or --tracking-uri)"
+        )
     return MlflowClient(tracking_uri=tracking_uri)
 
 

@@ -11,6 +11,12 @@ prints or stores one goes through `redact` first.
 
 Tracking is on by default; `tracking.tracking_uri: none` (or `off`) turns it off, and a missing
 or broken MLflow install degrades to a one-line warning rather than failing a training run.
+
+The experiment is `cfg.experiment`, resolved the way MLflow resolves one: a name in the config
+file or in `--set` wins; a config that names none takes MLFLOW_EXPERIMENT_NAME if set, else
+"puma-ray". That happens once, when the config is validated (`puma_ray.config._experiment`), so
+the driver, the Ray workers it hands the config to, `puma-ray report` and `puma-ray config` all
+see the same name, whatever the workers' environment says.
 """
 
 from __future__ import annotations

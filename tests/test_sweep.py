@@ -325,7 +325,8 @@ def test_report_command_reads_mlflow_without_ray(grid_sweep, tmp_path):
         "import sys; from puma_ray.cli import main; rc = main(sys.argv[1:]); "
         "assert 'ray' not in sys.modules, 'report imported ray'; sys.exit(rc)"
     )
-    cmd = [sys.executable, "-c", code, "report", "sweep-test", "--tracking-uri", _uri(run_dir)]
+    cmd = [sys.executable, "-c", code, "report", "--experiment", "sweep-test"]
+    cmd += ["--tracking-uri", _uri(run_dir)]
     proc = subprocess.run(cmd + ["--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| trial | status | ratio | eps_scale |" in proc.stdout
@@ -348,7 +349,7 @@ def test_report_command_reads_mlflow_without_ray(grid_sweep, tmp_path):
     assert proc.returncode == 2 and "no MLflow store" in proc.stderr
     assert not missing.exists()
     proc = subprocess.run(
-        cmd[:3] + ["report", "no-such-exp", "--run-dir", run_dir],
+        cmd[:3] + ["report", "--experiment", "no-such-exp", "--run-dir", run_dir],
         capture_output=True,
         text=True,
         timeout=300,
