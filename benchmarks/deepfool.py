@@ -1,9 +1,15 @@
 """DeepFool side by side: ours, torchattacks and foolbox, in one process, on the same inputs.
 
-Models: small_cnn on the builtin data, (a) after brief standard training and (b) fine-tuned
-with l-inf PGD adversarial training (Madry et al., arXiv:1706.06083; eps 8/255). Robust models
-need more DeepFool iterations, so (b) is the case that matters. Trained weights are cached in
-bench_out/ (delete them, or pass --retrain, to train again).
+Two cases (--case):
+- builtin: small_cnn on the builtin data, (a) after brief standard training and (b) fine-tuned
+  with l-inf PGD adversarial training (Madry et al., arXiv:1706.06083; eps 8/255). Trained
+  weights are cached in bench_out/ (delete them, or pass --retrain, to train again). DeepFool
+  needs few steps here (mean 1.4-2.7), so early exits and the shrinking active set do most of
+  the work.
+- multi-iter: a randomly initialised 4-conv CNN (64-128-128-256 channels, BN, ReLU) on
+  uniform-noise images, where every sample needs 4-6 steps (mean >= 4): the per-step cost
+  decides. Ours against foolbox, best of --repeats, plus ours without `fold_batchnorm`, with
+  `class_grads="batched"`, and on `fuse_conv_bn(model)`.
 
 Settings shared by all implementations: l2, overshoot 0.02, max_iter (steps) 50, all 10 classes.
 - foolbox `L2DeepFoolAttack(candidates=10)` clips every iterate to [0, 1] and attacks the clean
@@ -14,15 +20,18 @@ Settings shared by all implementations: l2, overshoot 0.02, max_iter (steps) 50,
   counted per sample with a forward hook.
 - Ours is also timed at its defaults (true label, no clipping) and with the top-3 candidate
   approximation (its margin error and rank correlation against exact ours).
-Cost in model-pass units = (s/sample) / (mean iters x (candidates + 1) x t_pass), with t_pass the
-time of one forward + input-gradient pass per sample at the same batch size: how close an
-implementation is to a naive exact DeepFool that spends candidates + 1 such passes per step.
-For foolbox, iterations are its loops per batch (it never shrinks the batch).
+Cost in passes = (s/sample) / (mean iters x t_pass), with t_pass the time of one forward +
+input-gradient pass per sample at the same batch size: what one step of one active sample
+costs. For foolbox, iterations are its loops per batch (it never shrinks the batch). The floor
+for exact all-class DeepFool is one forward and K-1 vector-Jacobian products per active sample
+and step, (t_fwd + (K-1) t_vjp) / t_pass, with t_fwd and t_vjp measured at the same batch.
 It also times ways to get one step's class gradients (see puma_ray/attacks/deepfool.py).
 
-    python benchmarks/deepfool.py    # ~5 min on 2 quiet cores, incl. training the models
+    python benchmarks/deepfool.py                      # both cases, ~7 min on 2 quiet cores
+    python benchmarks/deepfool.py --case multi-iter    # ~2 min
 
-Prints markdown tables and writes bench_out/deepfool.json. Results: docs/benchmarks.md, "DeepFool".
+Prints markdown tables and writes bench_out/deepfool.json (deepfool_multi_iter.json for
+--case multi-iter alone). Results: docs/benchmarks.md, "DeepFool".
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from puma_ray.attacks import deepfool
+from puma_ray.attacks import deepfool, fuse_conv_bn
 from puma_ray.attacks.deepfool import CPU_GRAD_BATCH
 from puma_ray.config import BuiltinSource
 from puma_ray.data.builtin import generate
@@ -54,6 +63,8 @@ CONFIG = {
     },
     "deepfool": {"norm": "l2", "overshoot": 0.02, "max_iter": 50, "classes": 10},
     "topk": 3,
+    # --case multi-iter: random-init 4-conv CNN on uniform noise (every sample needs 4-6 steps)
+    "multi_iter": {"rows": 96, "model_seed": 0, "data_seed": 1, "repeats": 3},
 }
 
 
@@ -137,8 +148,34 @@ def accuracy(model, x, y, eps=None) -> float:
         return float((model(x).argmax(1) == y).float().mean())
 
 
+def four_conv_cnn(num_classes: int = 10, seed: int = 0) -> torch.nn.Module:
+    """Conv 64, pool, conv 128, pool, conv 128, conv 256, pool (3x3, BN, ReLU), global average
+    pool, linear; random init (PyTorch's defaults), eval mode. 49M MACs per 32x32 image."""
+    from torch import nn
+
+    def conv_bn_relu(c_in, c_out):
+        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True)]
+
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        *conv_bn_relu(3, 64), nn.MaxPool2d(2), *conv_bn_relu(64, 128), nn.MaxPool2d(2),
+        *conv_bn_relu(128, 128), *conv_bn_relu(128, 256), nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, num_classes),
+    ).eval()
+
+
+def uniform_noise(rows: int, seed: int) -> torch.Tensor:
+    return torch.rand(rows, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
 # ----------------------------------------------------------------------------------------------
 # The implementations
+
+
+def best_of(repeats: int, fn) -> dict:
+    """fn() `repeats` times; the run with the least wall time (results are deterministic)."""
+    return min((fn() for _ in range(repeats)), key=lambda r: r["seconds"])
 
 
 def run_ours(model, x, y, batch, **settings) -> dict:
@@ -224,6 +261,36 @@ def time_pass(model, x) -> float:
     return best / len(x)
 
 
+def pass_costs(model, x, classes: int, repeats: int = 3) -> dict[str, float]:
+    """Seconds per sample at this batch size: one forward + input-gradient pass (t_pass), a
+    grad-enabled forward alone (t_fwd) and one more input-gradient backward from the same
+    forward (t_vjp, retain_graph); the floor of exact DeepFool per active sample and step in
+    passes is (t_fwd + (classes - 1) t_vjp) / t_pass."""
+    def forward():
+        xg = x.detach().requires_grad_(True)
+        return xg, model(xg)
+
+    def vjps(count):
+        xg, logits = forward()
+        for j in range(count):
+            grad_out = torch.zeros_like(logits)
+            grad_out[:, j % classes] = 1.0
+            torch.autograd.grad(logits, xg, grad_out, retain_graph=True)
+
+    timed = {"fwd": forward, "one": lambda: vjps(1), "many": lambda: vjps(classes - 1)}
+    best = {name: float("inf") for name in timed}
+    for _ in range(repeats):  # interleaved, best of `repeats`
+        for name, fn in timed.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    n = len(x)
+    t_fwd, t_pass = best["fwd"] / n, best["one"] / n
+    t_vjp = (best["many"] - best["one"]) / (classes - 2) / n
+    return {"t_pass": t_pass, "t_fwd": t_fwd, "t_vjp": t_vjp,
+            "floor_passes": (t_fwd + (classes - 1) * t_vjp) / t_pass}
+
+
 def class_gradient_strategies(model, x, y) -> dict[str, float]:
     """Seconds for one DeepFool step's K-1 class gradients of a batch, several ways."""
     from torch.func import functional_call, jacrev, vmap
@@ -286,9 +353,9 @@ def agreement(ours: np.ndarray, peer: np.ndarray) -> dict:
             "p95_rel_diff": float(np.quantile(rel, 0.95)) if positive.any() else float("nan")}
 
 
-def row(name, settings, n, r, t_pass, candidates, vs=None) -> dict:
+def row(name, settings, n, r, t_pass, vs=None) -> dict:
     per_sample = r["seconds"] / n
-    units = per_sample / (r["iters"] * (candidates + 1) * t_pass) if r["iters"] else float("nan")
+    units = per_sample / (r["iters"] * t_pass) if r["iters"] else float("nan")
     return {"impl": name, "settings": settings, "n": n, "samples_per_s": n / r["seconds"],
             "cpu_ms_per_sample": 1e3 * r["cpu_seconds"] / n, "mean_iters": r["iters"],
             "success": r["success"], "cost_units": units,
@@ -300,32 +367,38 @@ def bench_model(label, model, x, y, args, log) -> dict:
     classes = CONFIG["deepfool"]["classes"]
     out = {"clean_acc": accuracy(model, x, y), "pgd10_acc": accuracy(model, x, y, 8 / 255)}
     log(f"{label}: clean acc {out['clean_acc']:.3f}, PGD-10 (8/255) acc {out['pgd10_acc']:.3f}")
-    t_pass = time_pass(model, x[:batch])
+    costs = pass_costs(model, x[:batch], classes)
+    t_pass = costs["t_pass"]
     t_pass_ta = time_pass(model, x[:1])
     deepfool(model, x[:8], y[:8])  # warm-up
     rows = []
 
     exact = run_ours(model, x, y, batch)
-    rows.append(row("ours", "default (true label, no clip)", n, exact, t_pass, classes))
+    rows.append(row("ours", "default (true label, no clip)", n, exact, t_pass))
     log(f"  ours default: {n / exact['seconds']:.1f} samples/s")
     topk = run_ours(model, x, y, batch, candidates=k)
-    rows.append(row("ours", f"top-{k} candidates", n, topk, t_pass, k,
+    rows.append(row("ours", f"top-{k} candidates", n, topk, t_pass,
                     {"vs": "ours default", **agreement(topk["margin"], exact["margin"])}))
     fb_ours = run_ours(model, x, y, batch, clip=True, target="predicted")
-    rows.append(row("ours", "clip, predicted (foolbox's)", n, fb_ours, t_pass, classes))
+    rows.append(row("ours", "clip, predicted (foolbox's)", n, fb_ours, t_pass))
     log(f"  ours foolbox settings: {n / fb_ours['seconds']:.1f} samples/s")
+    fused = run_ours(fuse_conv_bn(model), x, y, batch, clip=True, target="predicted")
+    vs_fb_ours = {"vs": "ours clip, predicted", **agreement(fused["margin"], fb_ours["margin"])}
+    rows.append(row("ours", "clip, predicted, fuse_conv_bn(model)", n, fused, t_pass, vs_fb_ours))
+    log(f"  ours fuse_conv_bn: {n / fused['seconds']:.1f} samples/s")
     fb = run_foolbox(model, x, batch)
-    rows.append(row("foolbox L2DeepFoolAttack", "candidates=10", n, fb, t_pass, classes,
+    rows.append(row("foolbox L2DeepFoolAttack", "candidates=10", n, fb, t_pass,
                     {"vs": "ours clip, predicted", **agreement(fb_ours["margin"], fb["margin"])}))
     log(f"  foolbox: {n / fb['seconds']:.1f} samples/s")
     ta_ours = run_ours(model, x[:n_ta], y[:n_ta], batch, clip=True, target="true")
-    rows.append(row("ours", f"clip, true label (first {n_ta})", n_ta, ta_ours, t_pass, classes))
+    rows.append(row("ours", f"clip, true label (first {n_ta})", n_ta, ta_ours, t_pass))
     ta = run_torchattacks(model, x[:n_ta], y[:n_ta])
-    rows.append(row("torchattacks DeepFool", f"first {n_ta} samples", n_ta, ta, t_pass_ta, classes,
+    rows.append(row("torchattacks DeepFool", f"first {n_ta} samples", n_ta, ta, t_pass_ta,
                     {"vs": "ours clip, true label", **agreement(ta_ours["margin"], ta["margin"])}))
     log(f"  torchattacks: {n_ta / ta['seconds']:.2f} samples/s")
     out.update({
         "t_pass_per_sample": t_pass, "t_pass_batch1": t_pass_ta, "rows": rows,
+        "floor_passes": costs["floor_passes"], "t_fwd": costs["t_fwd"], "t_vjp": costs["t_vjp"],
         "speedup_vs_foolbox": fb["seconds"] / fb_ours["seconds"],
         "speedup_vs_torchattacks": ta["seconds"] / ta_ours["seconds"],
         "cpu_speedup_vs_foolbox": fb["cpu_seconds"] / fb_ours["cpu_seconds"],
@@ -345,7 +418,8 @@ def markdown(results: dict) -> str:
             f"\n**{label}** (clean acc {res['clean_acc']:.3f}, PGD-10 8/255 acc "
             f"{res['pgd10_acc']:.3f}; one fwd+input-grad pass: "
             f"{res['t_pass_per_sample'] * 1e3:.2f} ms/sample at batch {results['batch_size']}, "
-            f"{res['t_pass_batch1'] * 1e3:.2f} ms at batch 1)\n",
+            f"{res['t_pass_batch1'] * 1e3:.2f} ms at batch 1; floor of exact DeepFool "
+            f"{res['floor_passes']:.2f} passes per sample-step)\n",
             "| implementation | settings | n | samples/s | CPU ms/sample | mean iters | success "
             "| cost (passes) | vs | Spearman | median rel diff |",
             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
@@ -376,6 +450,70 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def bench_multi_iter(args, log) -> dict:
+    """Random-init 4-conv CNN on uniform noise: every sample needs several DeepFool steps."""
+    cfg = CONFIG["multi_iter"]
+    classes, repeats, n = CONFIG["deepfool"]["classes"], args.repeats, args.n_multi
+    model = four_conv_cnn(classes, cfg["model_seed"])
+    x = uniform_noise(n, cfg["data_seed"])
+    with torch.inference_mode():
+        y = model(x).argmax(1)
+    costs = pass_costs(model, x, classes)
+    log(f"multi-iter: t_pass {costs['t_pass'] * 1e3:.2f} ms/sample at batch {n}; floor "
+        f"{costs['floor_passes']:.2f} passes per sample-step")
+    deepfool(model, x[:8], y[:8], clip=True, target="predicted")  # warm-up
+    t_pass = costs["t_pass"]
+    fb_settings = {"clip": True, "target": "predicted"}
+    ours = best_of(repeats, lambda: run_ours(model, x, y, n, **fb_settings))
+    log(f"  ours: {n / ours['seconds']:.2f} samples/s, mean iters {ours['iters']:.2f}")
+    rows = [row("ours", "clip, predicted (foolbox's)", n, ours, t_pass)]
+    for settings in ({"fold_batchnorm": False}, {"class_grads": "batched"}):
+        r = best_of(repeats, lambda s=settings: run_ours(model, x, y, n, **fb_settings, **s))
+        name = ", ".join(f"{k}={v!r}" for k, v in settings.items())
+        rows.append(row("ours", f"clip, predicted, {name}", n, r, t_pass,
+                        {"vs": "ours", **agreement(r["margin"], ours["margin"])}))
+        log(f"  ours {name}: {n / r['seconds']:.2f} samples/s")
+    fused = fuse_conv_bn(model)
+    r = best_of(repeats, lambda: run_ours(fused, x, y, n, **fb_settings))
+    rows.append(row("ours", "clip, predicted, fuse_conv_bn(model)", n, r, t_pass,
+                    {"vs": "ours", **agreement(r["margin"], ours["margin"])}))
+    log(f"  ours fuse_conv_bn: {n / r['seconds']:.2f} samples/s")
+    fb = best_of(repeats, lambda: run_foolbox(model, x, n))
+    rows.append(row("foolbox L2DeepFoolAttack", "candidates=10", n, fb, t_pass,
+                    {"vs": "ours", **agreement(ours["margin"], fb["margin"])}))
+    log(f"  foolbox: {n / fb['seconds']:.2f} samples/s")
+    return {"n": n, "repeats": repeats, **costs, "rows": rows,
+            "speedup_vs_foolbox": fb["seconds"] / ours["seconds"],
+            "cpu_speedup_vs_foolbox": fb["cpu_seconds"] / ours["cpu_seconds"],
+            "ours_passes": rows[0]["cost_units"]}
+
+
+def markdown_multi_iter(res: dict) -> str:
+    lines = [
+        f"\n**multi-iter** (random-init 4-conv CNN, {res['n']} uniform-noise rows, best of "
+        f"{res['repeats']}; at batch {res['n']} one fwd+input-grad pass t_pass = "
+        f"{res['t_pass'] * 1e3:.2f} ms/sample, forward {res['t_fwd'] * 1e3:.2f} ms, one more "
+        f"VJP {res['t_vjp'] * 1e3:.2f} ms)\n",
+        "| implementation | settings | n | samples/s | CPU ms/sample | mean iters | success "
+        "| cost (passes) | vs | Spearman | median rel diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in res["rows"]:
+        vs = (f"{r['vs']} | {r['spearman']:.4f} | {r['median_rel_diff']:.2e}"
+              if "vs" in r else " | | ")
+        lines.append(f"| {r['impl']} | {r['settings']} | {r['n']} | {r['samples_per_s']:.2f} "
+                     f"| {r['cpu_ms_per_sample']:.1f} | {r['mean_iters']:.2f} "
+                     f"| {r['success']:.3f} | {r['cost_units']:.2f} | {vs} |")
+    lines += [
+        "",
+        f"Speed-up over foolbox: {res['speedup_vs_foolbox']:.2f}x wall, "
+        f"{res['cpu_speedup_vs_foolbox']:.2f}x CPU time. Cost per active sample-step: ours "
+        f"{res['ours_passes']:.2f} passes; the floor (1 forward + "
+        f"{CONFIG['deepfool']['classes'] - 1} VJPs) {res['floor_passes']:.2f}.",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=512, help="scored rows (builtin `test` part)")
@@ -383,6 +521,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--out-dir", default="bench_out")
     ap.add_argument("--retrain", action="store_true", help="ignore the cached models")
+    ap.add_argument("--case", choices=("all", "builtin", "multi-iter"), default="all")
+    ap.add_argument("--n-multi", type=int, default=CONFIG["multi_iter"]["rows"],
+                    help="rows of the multi-iter case (one batch)")
+    ap.add_argument("--repeats", type=int, default=CONFIG["multi_iter"]["repeats"],
+                    help="multi-iter case: best of this many runs")
     args = ap.parse_args()
     torch.set_num_threads(CONFIG["threads"])
     os.makedirs(args.out_dir, exist_ok=True)
@@ -392,8 +535,6 @@ def main() -> None:
         print(f"[{time.perf_counter() - started:6.0f} s] {msg}", flush=True)
 
     load_start = os.getloadavg()
-    models = trained_models(args.out_dir, args.retrain, log)
-    x, y = builtin_images("test", args.n, CONFIG["data"]["seed"])
     results = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
@@ -402,15 +543,23 @@ def main() -> None:
         "config": CONFIG, "n": args.n, "n_torchattacks": args.n_torchattacks,
         "batch_size": args.batch_size, "models": {},
     }
-    for name, label in (("standard", "(a) standard"), ("robust", "(b) PGD-AT")):
-        args.gradient_strategies = name == "robust"  # once is enough
-        results["models"][label] = bench_model(label, models[name], x, y, args, log)
+    text = ""
+    if args.case in ("all", "builtin"):
+        models = trained_models(args.out_dir, args.retrain, log)
+        x, y = builtin_images("test", args.n, CONFIG["data"]["seed"])
+        for name, label in (("standard", "(a) standard"), ("robust", "(b) PGD-AT")):
+            args.gradient_strategies = name == "robust"  # once is enough
+            results["models"][label] = bench_model(label, models[name], x, y, args, log)
+        text += markdown(results)
+    if args.case in ("all", "multi-iter"):
+        results["multi_iter"] = bench_multi_iter(args, log)
+        text += "\n" + markdown_multi_iter(results["multi_iter"])
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["total_s"] = time.perf_counter() - started
-    text = markdown(results)
     print(text)
     print(f"\nload average (1, 5, 15 min): start {load_start}, end {os.getloadavg()}")
-    with open(os.path.join(args.out_dir, "deepfool.json"), "w") as f:
+    name = "deepfool_multi_iter.json" if args.case == "multi-iter" else "deepfool.json"
+    with open(os.path.join(args.out_dir, name), "w") as f:
         json.dump(results, f, indent=1, default=float)
 
 

@@ -157,19 +157,16 @@ def test_batch_equals_one_at_a_time(settings):
 
 
 def test_finished_samples_cost_nothing():
-    """Grad-enabled forwards only see samples still in their class (the active set shrinks)."""
+    """Forwards only see samples still in their class (the active set shrinks): one forward per
+    iterate (the clean one, then one per step taken), plus at most one re-forward per step (a
+    survivor of a chunk whose graph was mostly flipped samples)."""
     model = small_cnn(seed=7)
-    grad_rows, inference_rows = [], []
-
-    def count(module, inputs, output):
-        rows = grad_rows if torch.is_grad_enabled() else inference_rows
-        rows.append(len(inputs[0]))
-
-    model.register_forward_hook(count)
+    rows = []
+    model.register_forward_hook(lambda module, inputs, output: rows.append(len(inputs[0])))
     x = images(32, seed=7)
     res = deepfool(model, x, torch.randint(0, 10, (32,)))
-    assert sum(grad_rows) == res.iters.sum()
-    assert sum(inference_rows) == 32 + res.iters.sum()  # the clean check, then one per step
+    steps = int(res.iters.sum())
+    assert 32 + steps <= sum(rows) <= 32 + 2 * steps
 
 
 def test_all_candidates_topk_and_approximation():
@@ -234,7 +231,7 @@ def test_empty_batch():
     assert res.margin.shape == (0,) and res.iters.shape == (0,)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
 def test_cuda_matches_cpu_and_bf16_runs():
     model = small_cnn(seed=13, dtype=torch.float32)
     x = images(64, seed=13, dtype=torch.float32)

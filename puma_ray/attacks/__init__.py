@@ -1,5 +1,5 @@
 """Adversarial attacks as pure tensor functions (no Ray, no I/O)."""
 
-from puma_ray.attacks.deepfool import DeepFoolResult, deepfool
+from puma_ray.attacks.deepfool import DeepFoolResult, deepfool, fuse_conv_bn
 
-__all__ = ["DeepFoolResult", "deepfool"]
+__all__ = ["DeepFoolResult", "deepfool", "fuse_conv_bn"]

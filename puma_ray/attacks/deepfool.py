@@ -6,36 +6,46 @@ iteration follows the authors' reference code (LTS4/DeepFool): the running total
 unclipped, the overshoot is applied to it at every check, x_i = x + (1 + overshoot) * r_tot, and
 `STEP_EPS` is added to each step length.
 
-How it spends compute (all measured on 2 CPU cores; see benchmarks/deepfool.py and
-docs/benchmarks.md):
+The floor for exact DeepFool over K classes is one forward pass and K-1 vector-Jacobian
+products (one input-gradient backward per class other than the label) per sample and step.
+How this engine gets there (measured on 2 CPU cores; benchmarks/deepfool.py, docs/benchmarks.md):
 - Every sample of the batch moves together, and a sample leaves the batch the moment it flips,
   so finished samples cost nothing.
-- Each iterate is first checked for a flip with one forward pass under `torch.inference_mode`;
-  only samples still in their class then get one grad-enabled forward and one backward per
-  candidate class other than the label (retain_graph), all from that single forward.
+- One forward per iterate serves both the flip check and the step: it runs with gradients
+  enabled, its logits say which samples flipped, and the K-1 backward passes reuse its graph
+  (retain_graph) for the samples still in their class. When too many samples of a chunk
+  flipped for the wasted backward rows to pay off (flipped x (K-1) > still active), the
+  graph is dropped and the survivors are re-packed into fresh chunks and forwarded again.
+  The clean forward is the first iterate's.
 - A backward of the batch-summed logit difference sum_i (f_k(x_i) - f_y(x_i)) gives every
-  sample's own gradient, because in eval mode samples do not interact. One step's 9 class
-  gradients of 256 samples on the PGD-AT small_cnn: 0.56 s this way (in 64-row chunks on
-  channels_last input), 0.61 s on contiguous input, 0.91 s in one 256-row pass, 1.34 s as one
-  `is_grads_batched=True` backward, 2.47 s with torch.func `vmap(jacrev)`.
-- So on CPU the gradient passes run in chunks of CPU_GRAD_BATCH rows (cache-sized; ~1.3x
-  faster end to end than one 256-row pass), and iterates are kept channels_last (~1.25x
-  faster end to end: 7.3 against 9.1 ms/sample, margins equal to ~1e-6 relative). Neither is
-  measured on a GPU (none on the benchmark machine); there the active set goes in one pass,
-  and channels_last is PyTorch's advice for conv nets under AMP.
+  sample's own gradient, because in eval mode samples do not interact.
+- Eval-mode batch norm runs as one multiply-add (`fold_batchnorm`), whose input gradient is
+  one multiply: 6-22% less time per step on a 4-conv BN CNN than torch's batch-norm backward.
+- On CPU the passes run in chunks of CPU_GRAD_BATCH rows (cache-sized; ~1.3x faster end to
+  end than one 256-row pass on small_cnn), and iterates are kept channels_last (~1.25x: 7.3
+  against 9.1 ms/sample). One step's 9 class gradients of 256 samples on the PGD-AT
+  small_cnn: 0.56 s this way, 0.61 s on contiguous input, 0.91 s in one 256-row pass, 1.34 s
+  as one `is_grads_batched=True` backward, 2.47 s with torch.func `vmap(jacrev)`. On a GPU
+  the active set goes in one pass (not yet measured there).
+- `class_grads="batched"` (one `is_grads_batched=True` backward for all classes) is also 1.6x
+  slower per step on CPU on a 4-conv CNN: under vmap torch still runs the conv and max-pool
+  backward once per class. It stays an option for GPUs.
 - torch.compile (inductor, dynamic shapes; retain_graph needs
   torch._functorch.config.donated_buffer = False) ran 6.6 against 5.7 ms/sample eager after
-  a 15 s compile, so it is not used; a caller may still pass a compiled model.
+  a 15 s compile on small_cnn, so it is not used here; a caller may pass a compiled model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 # Added to every step length, as in the reference code ("added 1e-4 for numerical stability").
 # Without it an affine model stops exactly on its boundary (a tie, no flip) and every later
@@ -51,6 +61,7 @@ CPU_GRAD_BATCH = 64
 
 Norm = Literal["l2", "linf"]
 Target = Literal["true", "predicted"]
+ClassGrads = Literal["loop", "batched"]
 
 
 @dataclass
@@ -62,7 +73,8 @@ class DeepFoolResult:
                   False it is the norm reached after max_iter steps without leaving the
                   class: read it as a lower bound, never as a margin.
     adv_class:    int64 [N], the model's prediction at x + perturbation (the clean prediction
-                  for already-misclassified samples, the target label if not converged).
+                  for already-misclassified samples, the target label if not converged;
+                  under autocast possibly a class whose logit ties with the label's).
     pred:         int64 [N], the model's prediction on the clean input.
     iters:        int64 [N], gradient steps taken (0 for already-misclassified samples).
     converged:    bool [N], the sample left the target class within max_iter steps.
@@ -92,6 +104,8 @@ def deepfool(
     return_perturbation: bool = False,
     autocast_dtype: torch.dtype | None = None,
     grad_batch: int | None = None,
+    fold_batchnorm: bool = True,
+    class_grads: ClassGrads = "loop",
 ) -> DeepFoolResult:
     """Per-sample DeepFool margins (the distance to the nearest decision boundary) of a batch.
 
@@ -111,17 +125,31 @@ def deepfool(
         target: "true" measures the margin of the true label (a misclassified sample has
             margin 0); "predicted" that of the clean prediction, as public implementations do.
         return_perturbation: also return the final perturbations (N x image memory).
-        autocast_dtype: e.g. torch.bfloat16 to run the model under autocast (meant for GPUs);
-            logits, gradients and r_tot stay float32.
-        grad_batch: rows per gradient pass; the active set is split into chunks of this size.
-            None: CPU_GRAD_BATCH on CPU, the whole active set on other devices. Results do
-            not depend on it (the math is per sample).
+        autocast_dtype: e.g. torch.bfloat16 to run the model under autocast (meant for GPUs;
+            also runs under CPU autocast); logits, gradients and r_tot stay float32. The
+            logits are only as fine as the half-precision layer that made them, so from the
+            first step on a tie between the label's logit and another's counts as leaving
+            the class (else such samples stall until max_iter).
+        grad_batch: most rows per forward/backward pass; the active set is split into as few
+            chunks as that allows, of even size. None: CPU_GRAD_BATCH on CPU, the whole
+            active set on other devices.
+            Results do not depend on it (the math is per sample) beyond float rounding.
+        fold_batchnorm: run eval-mode batch norm (F.batch_norm with running statistics) as
+            x * scale + shift, scale = weight / sqrt(running_var + eps), shift = bias -
+            running_mean * scale: the same function up to float rounding, with a one-multiply
+            input gradient. Applies only where the input has the statistics' dtype (not to
+            bf16 activations under autocast, which keep the native kernel).
+        class_grads: "loop" (one backward per class from one forward, retain_graph) or
+            "batched" (one `is_grads_batched=True` backward for all classes, K-1 times the
+            backward memory; slower on CPU, to be measured on GPUs). Same results.
 
     Returns a DeepFoolResult. Example:
         model.eval()
         margins = deepfool(model, images, labels, norm="linf").margin
     """
-    _check_args(images, labels, norm, overshoot, max_iter, candidates, target, grad_batch)
+    _check_args(
+        images, labels, norm, overshoot, max_iter, candidates, target, grad_batch, class_grads
+    )
     device = images.device
     acc_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
     # channels_last: ~1.25x faster end to end on CPU for small_cnn (the conv backward passes).
@@ -130,49 +158,100 @@ def deepfool(
     n = len(x0)
     if n == 0:
         return _empty_result(x0, return_perturbation)
-    autocast = _autocast(device, autocast_dtype)
-    scale = 1.0 + overshoot
     if grad_batch is None:
         grad_batch = CPU_GRAD_BATCH if device.type == "cpu" else n
+    autocast = _autocast(device, autocast_dtype)
+    fold = _FoldedBatchNorm() if fold_batchnorm else contextlib.nullcontext()
+    scale = 1.0 + overshoot
 
-    def iterate(x: torch.Tensor, r_tot: torch.Tensor) -> torch.Tensor:
-        x_adv = x + scale * r_tot
-        return x_adv.clamp_(0.0, 1.0) if clip else x_adv
+    def forward(x: torch.Tensor, grad: bool):
+        """Widened logits at x; with grad, also the leaf x they were taken from."""
+        if not grad:
+            with torch.inference_mode(), autocast, fold:
+                return None, _widen(model(x))
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        with torch.enable_grad(), autocast, fold:
+            return x, _widen(model(x))
 
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), autocast:
-            return model(x).argmax(1)
+    def steps_at(x: torch.Tensor, graph, label: torch.Tensor, others: torch.Tensor):
+        """Step of every row of the chunk x; graph: (leaf, logits) of a forward at x, or None."""
+        xg, logits = graph if graph is not None else forward(x, grad=True)
+        return _class_step(logits, xg, label, others, norm, class_grads)
 
-    with torch.inference_mode(), autocast:
-        clean_logits = _widen(model(x0))
-    _check_logits(clean_logits, labels)
-    pred = clean_logits.argmax(1)
+    # The active (not yet flipped) samples, compacted: batch index, x0, r_tot, label, classes.
+    pred = torch.empty(n, dtype=torch.long, device=device)
     label = labels if target == "true" else pred
-    others = _other_classes(clean_logits, label, candidates)
-
+    others: torch.Tensor | None = None
+    idx = torch.arange(n, device=device)
+    xa, ra = x0, torch.zeros_like(x0)
     r_tot = torch.zeros_like(x0)
     iters = torch.zeros(n, dtype=torch.long, device=device)
-    converged = pred != label
-    adv_class = pred.clone()
-    active = torch.nonzero(~converged).squeeze(1)
-    x_adv = x0[active]  # r_tot is 0, and the clean forward was this iterate's flip check
+    converged = torch.zeros(n, dtype=torch.bool, device=device)
+    adv_class = torch.empty(n, dtype=torch.long, device=device)
+    x_it = x0  # r_tot is 0: the first iterate is the clean image, its forward the clean one
 
-    for _ in range(max_iter):
-        if len(active) == 0:
+    for t in range(max_iter + 1):
+        if len(idx) == 0:
             break
-        chunks = [t.split(grad_batch) for t in (x_adv, label[active], others[active])]
-        steps = [_step(model, *chunk, norm, autocast) for chunk in zip(*chunks, strict=True)]
-        r_tot[active] += torch.cat(steps)
-        iters[active] += 1
-        x_adv = iterate(x0[active], r_tot[active])
-        now = predict(x_adv)
-        flipped = now != label[active]
-        done = active[flipped]
+        last = t == max_iter  # only the flip check of the last iterate
+        now = torch.empty(len(idx), dtype=torch.long, device=device)
+        step = None if last else torch.zeros_like(x_it)
+        refresh = []
+        size = _even_chunk(len(idx), grad_batch)
+        for start in range(0, len(idx), size):
+            rows = slice(start, start + size)
+            graph = forward(x_it[rows], grad=not last)
+            logits = graph[1]
+            if t == 0 and start == 0:
+                _check_logits(logits, labels)
+            if t > 0 and autocast_dtype is not None:
+                now[rows] = _leading_class(logits, label[idx[rows]])
+            else:
+                now[rows] = logits.argmax(1)
+            if t == 0:  # the clean forward: predictions, target labels, candidate classes
+                pred[rows] = now[rows]
+                chunk_others = _other_classes(logits.detach(), label[rows], candidates)
+                if others is None:
+                    others = labels.new_empty(n, chunk_others.shape[1])
+                others[rows] = chunk_others
+            if last:
+                continue
+            stays = now[rows] == label[idx[rows]]
+            kept = int(stays.sum())
+            if kept == 0:
+                continue
+            # Reuse this forward's graph unless its backward rows would be mostly wasted on
+            # flipped samples: (K-1) backward rows per flip against one forward per survivor.
+            if (len(stays) - kept) * others.shape[1] <= kept:
+                step[rows] = steps_at(None, graph, label[idx[rows]], others[idx[rows]])
+            else:
+                refresh.append(torch.nonzero(stays).squeeze(1) + start)
+            del graph, logits
+        if refresh:
+            redo = torch.cat(refresh)
+            for chunk in redo.split(_even_chunk(len(redo), grad_batch)):
+                step[chunk] = steps_at(x_it[chunk], None, label[idx[chunk]], others[idx[chunk]])
+
+        flipped = now != label[idx]
+        done = idx[flipped]
         adv_class[done] = now[flipped]
         converged[done] = True
-        active, x_adv = active[~flipped], x_adv[~flipped]
+        r_tot[done] = ra[flipped]
+        stays = ~flipped
+        idx, xa, ra = idx[stays], xa[stays], ra[stays]
+        if last:
+            break
+        ra += step[stays]
+        iters[idx] += 1
+        x_it = xa + scale * ra
+        if clip:
+            x_it.clamp_(0.0, 1.0)
+    if len(idx):  # max_iter steps without leaving the class: the norm reached, not a margin
+        r_tot[idx] = ra
+        adv_class[idx] = label[idx]
 
-    perturbation = (iterate(x0, r_tot) - x0 if clip else scale * r_tot).contiguous()
+    perturbation = _iterate(x0, r_tot, scale, clip) - x0 if clip else scale * r_tot
+    perturbation = perturbation.contiguous()
     flat = perturbation.flatten(1)
     margin = flat.norm(dim=1) if norm == "l2" else flat.abs().amax(dim=1)
     return DeepFoolResult(
@@ -185,51 +264,168 @@ def deepfool(
     )
 
 
-def _step(
-    model: nn.Module,
+def fuse_conv_bn(model: nn.Module) -> nn.Module:
+    """A copy of an eval-mode model for scoring, every conv -> batch-norm pair folded into one
+    conv (weight * scale, bias * scale + shift; torch.fx dataflow, so only where the conv's
+    output feeds nothing but the batch norm).
+
+    The same function up to float rounding (margins agree to ~1e-4 relative in float32; a
+    sample on the edge of a flip may take one step more or fewer), and DeepFool's backward
+    passes skip one elementwise pass per folded layer. Pre-activation blocks (batch norm after
+    an addition) keep theirs, which `deepfool(fold_batchnorm=True)` still handles.
+
+    Arguments:
+        model: in eval mode; its parameters are copied, not shared, so load it once and fold
+            once (a scoring actor), not per batch.
+
+    Returns a torch.fx.GraphModule with the model's forward only (no forward_features, no
+    hooks of the original), or the model itself where torch.fx cannot trace it.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    if model.training:
+        raise ValueError("fuse_conv_bn needs a model in eval mode (call model.eval() first)")
+    try:
+        return fuse(model)  # deep-copies the model
+    except Exception:  # not symbolically traceable (data-dependent control flow, ...)
+        return model
+
+
+def _leading_class(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """The prediction, except that a tie with the label goes to the other class.
+
+    Used under autocast, where logits come out of a half-precision layer: bf16 keeps 8
+    significant bits, so near a boundary the label and its rival often round to the same
+    logit, argmax keeps the lower class index, and a sample whose label is the lower index
+    would stall there until max_iter (each step then has length STEP_EPS). Within the
+    arithmetic's resolution a tie is the boundary, so it counts as leaving the class.
+    """
+    rivals = logits.scatter(1, label[:, None], -torch.inf)
+    rival = rivals.argmax(1)
+    leaves = rivals.gather(1, rival[:, None]) >= logits.gather(1, label[:, None])
+    return torch.where(leaves.squeeze(1), rival, label)
+
+
+def _even_chunk(rows: int, most: int) -> int:
+    """Rows per chunk: as few chunks of at most `most` rows as needed, of even size (96 rows in
+    64-row chunks go as 48 + 48, not 64 + 32; 65 as 33 + 32, not 64 + 1)."""
+    chunks = -(-rows // most)
+    return -(-rows // chunks)
+
+
+def _iterate(x: torch.Tensor, r_tot: torch.Tensor, scale: float, clip: bool) -> torch.Tensor:
+    x_adv = x + scale * r_tot
+    return x_adv.clamp_(0.0, 1.0) if clip else x_adv
+
+
+def _class_step(
+    logits: torch.Tensor,
     x: torch.Tensor,
     label: torch.Tensor,
     others: torch.Tensor,
     norm: Norm,
-    autocast,
+    class_grads: ClassGrads,
 ) -> torch.Tensor:
-    """One DeepFool step r_i [n, C, H, W] at iterates x, none of which has left its class.
+    """One DeepFool step r_i [n, C, H, W] from a forward's graph (leaf x, logits [n, K]).
 
     For each candidate k != y: f'_k = f_k - f_y and w'_k = grad(f_k - f_y); pick the class with
-    the smallest |f'_k| / ||w'_k||_dual (dual of l2 is l2, of l-inf is l1) and step just past
-    its linearised boundary. The argmin is kept streaming, so only one gradient per sample
-    is held at a time.
+    the smallest |f'_k| / ||w'_k||_dual (dual of l2 is l2, of l-inf is l1; the first candidate
+    wins ties, as in the paper) and step just past its linearised boundary. In the "loop" mode
+    the argmin is kept streaming, so only one gradient per sample is held at a time. The graph
+    is freed on return.
     """
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad(), autocast:
-        logits = _widen(model(x))
     n, k_others = others.shape
-    f_diff = (logits.gather(1, others) - logits.gather(1, label[:, None])).detach()
     rows = torch.arange(n, device=x.device)
-    best_ratio = torch.full((n,), float("inf"), dtype=x.dtype, device=x.device)
-    best_w = torch.zeros_like(x)
-    best_w_norm = torch.ones(n, dtype=x.dtype, device=x.device)
-    for j in range(k_others):
-        # d/dx of sum_i (f_{k_ij}(x_i) - f_{y_i}(x_i)) = per-sample gradients (no BN mixing).
-        grad_out = torch.zeros_like(logits)
-        grad_out[rows, others[:, j]] = 1.0
-        grad_out[rows, label] = -1.0
-        (w,) = torch.autograd.grad(logits, x, grad_out, retain_graph=j + 1 < k_others)
-        w_flat = w.flatten(1)
-        w_norm = w_flat.norm(dim=1) if norm == "l2" else w_flat.abs().sum(dim=1)
-        ratio = f_diff[:, j].abs().to(x.dtype) / w_norm
+    f_diff = (logits.gather(1, others) - logits.gather(1, label[:, None])).detach()
+    f_diff = f_diff.abs().to(x.dtype)
+    # Cotangent j is +1 at class others[:, j] and -1 at the label, per row: d/dx of
+    # sum_i (f_{k_ij}(x_i) - f_{y_i}(x_i)) is every sample's own gradient (no BN mixing).
+    grad_out = logits.new_zeros(k_others, n, logits.shape[1])
+    grad_out.scatter_(2, others.T.unsqueeze(2), 1.0)
+    grad_out[:, rows, label] = -1.0
+    view = (-1, *(1,) * (x.dim() - 1))
+
+    def dual_norm(w: torch.Tensor) -> torch.Tensor:
+        """Per-sample dual norm over the last 3 (image) dims, strides as they come."""
+        return torch.linalg.vector_norm(w, 2 if norm == "l2" else 1, dim=(-3, -2, -1))
+
+    if class_grads == "batched":
+        (w_all,) = torch.autograd.grad(logits, x, grad_out, is_grads_batched=True)
+        w_norms = dual_norm(w_all)  # [k-1, n]
         # A zero gradient gives no direction to this boundary (ratio inf, never picked).
-        ratio = torch.where(w_norm > 0, ratio, torch.inf)
-        better = ratio < best_ratio  # strict: the first candidate wins ties, as in the paper
-        best_ratio = torch.where(better, ratio, best_ratio)
-        best_w_norm = torch.where(better, w_norm, best_w_norm)
-        best_w = torch.where(better.view(-1, *(1,) * (x.dim() - 1)), w, best_w)
+        ratios = torch.where(w_norms > 0, f_diff.T / w_norms, torch.inf)
+        best_ratio, best = ratios.min(dim=0)  # the first minimum: ties go to the first class
+        best_w = w_all[best, rows]
+        best_w_norm = w_norms[best, rows]
+    else:
+        best_ratio = torch.full((n,), torch.inf, dtype=x.dtype, device=x.device)
+        best_w = torch.zeros_like(x)
+        best_w_norm = torch.ones(n, dtype=x.dtype, device=x.device)
+        for j in range(k_others):
+            (w,) = torch.autograd.grad(logits, x, grad_out[j], retain_graph=j + 1 < k_others)
+            w_norm = dual_norm(w)
+            ratio = torch.where(w_norm > 0, f_diff[:, j] / w_norm, torch.inf)
+            better = ratio < best_ratio  # strict: the first candidate wins ties
+            best_ratio = torch.where(better, ratio, best_ratio)
+            best_w_norm = torch.where(better, w_norm, best_w_norm)
+            best_w = torch.where(better.view(view), w, best_w)
     length = best_ratio + STEP_EPS
     # No usable direction at all (every gradient zero): take no step, the sample stays put.
-    length = torch.where(torch.isfinite(best_ratio), length, 0.0).view(-1, *(1,) * (x.dim() - 1))
+    length = torch.where(torch.isfinite(best_ratio), length, 0.0).view(view)
     if norm == "l2":
-        return length * best_w / best_w_norm.view_as(length)
+        return length * best_w / best_w_norm.view(view)
     return length * best_w.sign()
+
+
+class _FoldedBatchNorm(TorchFunctionMode):
+    """Eval-mode F.batch_norm as addcmul(shift, x, scale) with per-channel scale and shift.
+
+    Same function to float rounding; the input gradient is grad * scale, one multiply that
+    reads no saved activation. Calls in training mode, without running statistics, or whose
+    input dtype differs from the statistics' (bf16 activations under autocast) go to torch.
+    scale and shift are computed once per module and call of deepfool (the model is not
+    changed in between).
+    """
+
+    _signature = inspect.signature(F.batch_norm)
+
+    def __init__(self):
+        super().__init__()
+        self._folded: dict[tuple, tuple] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            a = self._signature.bind(*args, **kwargs).arguments
+            x, mean, var = a["input"], a.get("running_mean"), a.get("running_var")
+            if (
+                not a.get("training", False)
+                and mean is not None
+                and var is not None
+                and x.dim() >= 2
+                and x.dtype == var.dtype == mean.dtype
+            ):
+                scale, shift = self._affine(
+                    mean, var, a.get("weight"), a.get("bias"), a.get("eps", 1e-5)
+                )
+                shape = (1, -1, *(1,) * (x.dim() - 2))
+                return torch.addcmul(shift.view(shape), x, scale.view(shape))
+        return func(*args, **kwargs)
+
+    def _affine(self, mean, var, weight, bias, eps):
+        key = (id(mean), id(var), id(weight), id(bias), eps)
+        if key not in self._folded:
+            # Plain (non-inference) constants, whether first met under inference_mode or not.
+            with torch.inference_mode(False), torch.no_grad():
+                scale = torch.rsqrt(var + eps)
+                if weight is not None:
+                    scale = scale * weight.to(var.dtype)
+                shift = -mean * scale
+                if bias is not None:
+                    shift = shift + bias.to(var.dtype)
+            # The tensors are kept with the result, so their ids cannot be reused meanwhile.
+            self._folded[key] = (scale, shift, (mean, var, weight, bias))
+        return self._folded[key][:2]
 
 
 def _other_classes(logits: torch.Tensor, label: torch.Tensor, candidates: int | None):
@@ -269,7 +465,9 @@ def _empty_result(x0: torch.Tensor, return_perturbation: bool) -> DeepFoolResult
     )
 
 
-def _check_args(images, labels, norm, overshoot, max_iter, candidates, target, grad_batch):
+def _check_args(
+    images, labels, norm, overshoot, max_iter, candidates, target, grad_batch, class_grads
+):
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images must be a 4-D NCHW tensor, got {shape}")
@@ -301,6 +499,8 @@ def _check_args(images, labels, norm, overshoot, max_iter, candidates, target, g
         isinstance(grad_batch, bool) or not isinstance(grad_batch, int) or grad_batch < 1
     ):
         raise ValueError(f"grad_batch must be None or a positive integer, got {grad_batch!r}")
+    if class_grads not in ("loop", "batched"):
+        raise ValueError(f"class_grads must be 'loop' or 'batched', got {class_grads!r}")
 
 
 def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
