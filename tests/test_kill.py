@@ -22,6 +22,7 @@ import uuid
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from tiny_pipeline import TINY
 
 from puma_ray.config import load_config
 from puma_ray.pipeline import STAGES, input_stamps, stage_fingerprints
@@ -36,21 +37,8 @@ pytestmark = [
 
 SETS = [
     "name=kill",
-    "data.sources=[{type: builtin, real_train: 96, real_test: 64, synthetic: 160}]",
-    "data.rows_per_shard=64",
-    "margin_model.train.epochs=1",
-    "margin_model.train.batch_size=32",
-    "margin_model.train.attack.steps=1",
+    *TINY,
     "training.epochs=2",  # a kill between the epochs resumes from the first one's checkpoint
-    "training.batch_size=32",
-    "training.attack.steps=1",
-    "scoring.max_iter=5",
-    "scoring.batch_size=64",
-    "pruning.ratio=0.25",
-    "evaluation.subset=32",
-    "evaluation.pgd_steps=2",
-    "evaluation.batch_size=32",
-    "ray.num_workers=0",
     "ray.num_cpus=4",  # as the tests' shared Ray: overcommit the 2 cores, no stalls
     "ray.object_store_memory=536870912",
     "tracking.experiment=test-kill",

@@ -9,6 +9,7 @@ import shutil
 import sqlite3
 
 import pytest
+import tiny_pipeline
 
 from puma_ray.cli import main as cli_main
 from puma_ray.config import load_config
@@ -17,25 +18,7 @@ from puma_ray.pipeline import STAGES, run_pipeline
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-TINY = [
-    "name=tiny",
-    "data.sources=[{type: builtin, real_train: 96, real_test: 64, synthetic: 160}]",
-    "data.rows_per_shard=64",
-    "margin_model.train.epochs=1",
-    "margin_model.train.batch_size=32",
-    "margin_model.train.attack.steps=1",
-    "training.epochs=1",
-    "training.batch_size=32",
-    "training.attack.steps=1",
-    "scoring.max_iter=5",
-    "scoring.batch_size=64",
-    "pruning.ratio=0.25",
-    "evaluation.subset=32",
-    "evaluation.pgd_steps=2",
-    "evaluation.batch_size=32",
-    "ray.num_workers=0",
-    "tracking.experiment=test-pipeline",
-]
+TINY = ["name=tiny", *tiny_pipeline.TINY, "tracking.experiment=test-pipeline"]
 BASELINE_STAGES = ("baseline_random", "baseline_full")
 
 

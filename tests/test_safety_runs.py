@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from tiny_pipeline import TINY_STAGES
 
 from puma_ray.cli import main
 from puma_ray.config import load_config
@@ -19,22 +20,7 @@ from puma_ray.pipeline import run_pipeline
 
 LOCK_NAME = ".puma-ray.lock"
 
-SETS = [
-    "name=safety",
-    "data.sources=[{type: builtin, real_train: 96, real_test: 64, synthetic: 160}]",
-    "data.rows_per_shard=64",
-    "training.epochs=1",
-    "training.batch_size=32",
-    "training.attack.steps=1",
-    "scoring.max_iter=5",
-    "scoring.batch_size=64",
-    "pruning.ratio=0.25",
-    "evaluation.subset=32",
-    "evaluation.pgd_steps=2",
-    "evaluation.batch_size=32",
-    "ray.num_workers=0",
-    "tracking.tracking_uri=none",
-]
+SETS = ["name=safety", *TINY_STAGES, "tracking.tracking_uri=none"]
 # prune without scores (random strategy, no epsilon rule): no Ray, no model
 RANDOM_PRUNE = ["pruning.strategy=random", "pruning.eps_rule=none"]
 
