@@ -411,6 +411,22 @@ def bench_model(label, model, x, y, args, log) -> dict:
     return out
 
 
+def _table(rows: list[dict]) -> list[str]:
+    """The Markdown lines of one results table (header, rule, a line per row)."""
+    lines = [
+        "| implementation | settings | n | samples/s | CPU ms/sample | mean iters | success "
+        "| cost (passes) | vs | Spearman | median rel diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        vs = (f"{r['vs']} | {r['spearman']:.4f} | {r['median_rel_diff']:.2e}"
+              if "vs" in r else " | | ")
+        lines.append(f"| {r['impl']} | {r['settings']} | {r['n']} | {r['samples_per_s']:.2f} "
+                     f"| {r['cpu_ms_per_sample']:.1f} | {r['mean_iters']:.2f} "
+                     f"| {r['success']:.3f} | {r['cost_units']:.2f} | {vs} |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     lines = []
     for label, res in results["models"].items():
@@ -420,16 +436,8 @@ def markdown(results: dict) -> str:
             f"{res['t_pass_per_sample'] * 1e3:.2f} ms/sample at batch {results['batch_size']}, "
             f"{res['t_pass_batch1'] * 1e3:.2f} ms at batch 1; floor of exact DeepFool "
             f"{res['floor_passes']:.2f} passes per sample-step)\n",
-            "| implementation | settings | n | samples/s | CPU ms/sample | mean iters | success "
-            "| cost (passes) | vs | Spearman | median rel diff |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+            *_table(res["rows"]),
         ]
-        for r in res["rows"]:
-            vs = (f"{r['vs']} | {r['spearman']:.4f} | {r['median_rel_diff']:.2e}"
-                  if "vs" in r else " | | ")
-            lines.append(f"| {r['impl']} | {r['settings']} | {r['n']} | {r['samples_per_s']:.2f} "
-                         f"| {r['cpu_ms_per_sample']:.1f} | {r['mean_iters']:.2f} "
-                         f"| {r['success']:.3f} | {r['cost_units']:.2f} | {vs} |")
         topk = next(r for r in res["rows"] if r["settings"].startswith("top-"))
         lines += [
             "",
@@ -494,16 +502,8 @@ def markdown_multi_iter(res: dict) -> str:
         f"{res['repeats']}; at batch {res['n']} one fwd+input-grad pass t_pass = "
         f"{res['t_pass'] * 1e3:.2f} ms/sample, forward {res['t_fwd'] * 1e3:.2f} ms, one more "
         f"VJP {res['t_vjp'] * 1e3:.2f} ms)\n",
-        "| implementation | settings | n | samples/s | CPU ms/sample | mean iters | success "
-        "| cost (passes) | vs | Spearman | median rel diff |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        *_table(res["rows"]),
     ]
-    for r in res["rows"]:
-        vs = (f"{r['vs']} | {r['spearman']:.4f} | {r['median_rel_diff']:.2e}"
-              if "vs" in r else " | | ")
-        lines.append(f"| {r['impl']} | {r['settings']} | {r['n']} | {r['samples_per_s']:.2f} "
-                     f"| {r['cpu_ms_per_sample']:.1f} | {r['mean_iters']:.2f} "
-                     f"| {r['success']:.3f} | {r['cost_units']:.2f} | {vs} |")
     lines += [
         "",
         f"Speed-up over foolbox: {res['speedup_vs_foolbox']:.2f}x wall, "
