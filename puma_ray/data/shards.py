@@ -394,12 +394,6 @@ def finalize(
     return info
 
 
-def clear(dir_uri: str) -> None:
-    """Remove a shard set: the manifest first, so an interrupted delete never looks complete."""
-    storage.delete(storage.join(dir_uri, MANIFEST))
-    storage.delete(dir_uri)
-
-
 # ----------------------------------------------------------------------------------------------
 # Reading.
 
