@@ -39,6 +39,10 @@ SETS = [
     "name=kill",
     *TINY,
     "training.epochs=2",  # a kill between the epochs resumes from the first one's checkpoint
+    # one stream (the data's own mix): with real:synthetic batches the two endless streams'
+    # positions are not in the checkpoint, so a resumed epoch draws other rows than an
+    # uninterrupted one (a known gap, docs/guarantees.md); this test pins what is exact
+    "training.real_fraction=null",
     "ray.num_cpus=4",  # as the tests' shared Ray: overcommit the 2 cores, no stalls
     "ray.object_store_memory=536870912",
     "tracking.experiment=test-kill",
