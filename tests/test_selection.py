@@ -1,5 +1,7 @@
-"""Selection rules in pure NumPy: key order, strategies, epsilon rules, the exact radix select
-against the argsort reference (ties, per class, scope, every strategy), k-NN extrapolation."""
+"""Selection rules in pure NumPy: key order, strategies, epsilon rules, the row policies
+(misclassified / non-converged rows), the exact radix select against the argsort reference
+(ties, per class, scope, every strategy and policy), invariance under a permutation of the ids,
+the extrapolation subsets and `knn_mean`; the k-NN estimates: tests/test_extrapolation.py."""
 
 import itertools
 
@@ -27,15 +29,20 @@ def _rows(n, *, zeros=0.5, classes=4, seed=0):
     return ids, labels, synth, margins
 
 
-def _scalable(ids, labels, synth, margins, params, *, classes=4, shards=5, limit=1 << 16):
+def _scalable(
+    ids, labels, synth, margins, params, *, classes=4, shards=5, limit=1 << 16, mis=None, conv=None
+):
     """find_cuts + apply_cuts over `shards` slices, as the stage runs them (minus I/O)."""
     parts = np.array_split(np.arange(len(ids)), shards)
     n_groups = classes if params.per_class else 1
 
     def keys(s):
         m = None if margins is None else margins[s]
-        hi, lo = sel.row_keys(params.order, ids[s], m, params.seed)
-        return hi, lo, sel.group_index(labels[s], synth[s], params)
+        return sel.selection_rows(
+            ids[s], labels[s], synth[s], m, params,
+            misclassified=None if mis is None else mis[s],
+            converged=None if conv is None else conv[s],
+        )  # fmt: skip
 
     def run_pass(requests):
         for s in parts:
@@ -68,10 +75,17 @@ def test_id_key_order_and_describe_roundtrip():
     ids = np.array([-(2**63), -5, 0, 7, 2**40 + 3, 2**63 - 1], np.int64)
     lo = sel.id_order_key(ids)
     assert np.all(np.diff(lo.astype(object)) > 0)
-    m = np.float32(0.25)
-    for i, key_lo in zip(ids, lo, strict=True):
-        key = (int(sel.margin_order_key([m])[0]) << 64) | int(key_lo)
+    hi, lo = sel.row_keys("margin", ids, np.full(len(ids), 0.25, np.float32), 0)
+    for i, key_hi, key_lo in zip(ids, hi, lo, strict=True):
+        key = (int(key_hi) << 64) | int(key_lo)
         assert sel.describe_key(key, "margin") == {"margin": 0.25, "id": int(i)}
+    # a rank tier is named; the margin is read without it
+    tier = np.array([sel.TIER_ABOVE], np.uint64)
+    hi, lo = sel.row_keys("margin", ids[:1], np.array([-0.5], np.float32), 0, tier)
+    key = (int(hi[0]) << 64) | int(lo[0])
+    assert sel.describe_key(key, "margin") == {
+        "margin": -0.5, "id": int(ids[0]), "tier": "above_converged"
+    }
 
 
 @pytest.mark.parametrize(
@@ -283,6 +297,275 @@ def test_reference_refuses_nan_margins():
 
 
 # ----------------------------------------------------------------------------------------------
+# Row policies: misclassified and non-converged rows.
+
+POLICY_EPS = 0.04
+
+
+def _flagged_rows(n, *, classes=4, seed=0, signed=True, mis_rate=0.15, nc_rate=0.1):
+    """Distinct continuous margins (no two equal), ~mis_rate misclassified (negative margins if
+    `signed`, else exactly 0 as unsigned scores have them), ~nc_rate not converged."""
+    rng = np.random.default_rng(seed)
+    ids = rng.permutation(np.arange(n, dtype=np.int64) * 5 + 3) - n
+    labels = rng.integers(0, classes, n)
+    synth = rng.random(n) < 0.8
+    mis = rng.random(n) < mis_rate
+    conv = rng.random(n) >= nc_rate
+    margins = rng.exponential(0.05, n).astype(np.float32)
+    margins[mis] = -margins[mis] if signed else 0.0
+    return ids, labels, synth, margins, mis, conv
+
+
+def _policy_params(strategy="puma", rule="scale_lowest", **kw):
+    base = dict(ratio=0.3, eps=POLICY_EPS, eps_rule=rule, eps_quantile=0.5, eps_scale=0.5)
+    if strategy != "puma":
+        base["eps_rule"] = "none"
+    return SelectionParams(strategy, **{**base, **kw})
+
+
+# One class of 10 synthetic rows (ids 0-9) and a real row (id 10, misclassified, not converged):
+# ratio 0.3 drops 3 of the 10, the lowest-ranked round_half_up(0.5 x kept) kept rows get half eps.
+HAND_MARGINS = np.array([-0.2, -0.1, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.35, -0.5], np.float32)
+HAND_MIS = np.array([1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1], bool)
+HAND_CONV = np.array([1, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0], bool)  # id 1 (misclassified), id 9 not
+
+
+@pytest.mark.parametrize(
+    "misclassified,nonconverged,half,base,dropped",
+    [
+        # no policy: the order is 0 1 2 3 4 5 9 6 7 8; drop 6 7 8, 4 of the 7 kept at half eps
+        ("eps_rule", "as_is", {0, 1, 2, 3}, {4, 5, 9}, {6, 7, 8}),
+        # 9 above every converged row, 1 (misclassified) below: 1 0 2 3 4 5 6 7 8 9
+        ("eps_rule", "rank_last", {1, 0, 2, 3}, {4, 5, 6}, {7, 8, 9}),
+        # 1 and 9 below every converged row, in margin order: 1 9 0 2 3 4 5 6 7 8
+        ("eps_rule", "rank_first", {1, 9, 0, 2}, {3, 4, 5}, {6, 7, 8}),
+        # 1 and 9 kept at base outside the order (they count in the 10): 3 of 0 2 3 4 5 6 7 8
+        # dropped, 4 of the 7 kept at half eps
+        ("eps_rule", "exclude", {0, 2, 3, 4}, {5, 1, 9}, {6, 7, 8}),
+        # 0 and 1 dropped, counted in the 3: one more from the top
+        ("drop", "as_is", {2, 3, 4, 5}, {9, 6, 7}, {0, 1, 8}),
+        ("drop", "exclude", {2, 3, 4, 5}, {6, 7, 9}, {0, 1, 8}),
+        # 0 and 1 at base; 9 above every converged row: drop 9 8 7
+        ("base_eps", "rank_last", {2, 3, 4, 5}, {6, 0, 1}, {7, 8, 9}),
+        # 9 below every converged row: 9 2 3 4 5 6 7 8; drop 6 7 8
+        ("base_eps", "rank_first", {9, 2, 3, 4}, {5, 0, 1}, {6, 7, 8}),
+    ],
+)
+def test_policies_small_example_by_hand(misclassified, nonconverged, half, base, dropped):
+    ids = np.arange(11)
+    synth = np.r_[np.ones(10, bool), False]
+    params = _policy_params(misclassified=misclassified, nonconverged=nonconverged)
+    for mode in ("reference", "scalable"):
+        if mode == "reference":
+            got = sel.select_reference(
+                ids, np.zeros(11, int), synth, HAND_MARGINS, params,
+                misclassified=HAND_MIS, converged=HAND_CONV,
+            )  # fmt: skip
+            kept, eps = got.kept, got.eps
+        else:
+            kept, eps, _, _ = _scalable(
+                ids, np.zeros(11, int), synth, HAND_MARGINS, params, classes=1, shards=3,
+                limit=1, mis=HAND_MIS, conv=HAND_CONV,
+            )  # fmt: skip
+        assert set(ids[~kept]) == dropped, mode
+        assert set(ids[kept & (eps == np.float32(POLICY_EPS / 2))]) == half, mode
+        # the real row (misclassified, not converged) is out of scope: untouched
+        assert set(ids[kept & (eps == np.float32(POLICY_EPS))]) == base | {10}, mode
+
+
+POLICY_CASES = [
+    (strategy, rule, mis, nc)
+    for strategy, rule in [
+        ("puma", "scale_lowest"),
+        ("puma", "margin_cap"),
+        ("high_margin", "none"),
+        ("low_margin", "none"),
+    ]
+    for mis in sel.MISCLASSIFIED_POLICIES
+    for nc in sel.NONCONVERGED_POLICIES
+]
+
+
+@pytest.mark.parametrize("strategy,rule,mis_policy,nc_policy", POLICY_CASES)
+@pytest.mark.parametrize("signed", [True, False])
+def test_policies_scalable_equals_reference(strategy, rule, mis_policy, nc_policy, signed):
+    ids, labels, synth, margins, mis, conv = _flagged_rows(3000, signed=signed, seed=3)
+    for scope, per_class, limit in (("synthetic", True, 1), ("all", False, 1 << 16)):
+        params = _policy_params(
+            strategy, rule, scope=scope, per_class=per_class, eps_quantile=0.2, eps_alpha=0.5,
+            misclassified=mis_policy, nonconverged=nc_policy,
+        )  # fmt: skip
+        ref = sel.select_reference(
+            ids, labels, synth, margins, params, misclassified=mis, converged=conv
+        )
+        kept, eps, plans, passes = _scalable(
+            ids, labels, synth, margins, params, limit=limit, mis=mis, conv=conv
+        )
+        assert np.array_equal(kept, ref.kept)
+        assert np.array_equal(eps, ref.eps, equal_nan=True)
+        assert plans == ref.plans
+        assert passes <= 6
+
+
+@pytest.mark.parametrize("nc_policy", sel.NONCONVERGED_POLICIES)
+@pytest.mark.parametrize("mis_policy", ["eps_rule", "base_eps", "drop"])
+def test_the_ratio_fixes_the_kept_size_the_policies_which_rows(mis_policy, nc_policy):
+    """Forced rows count in their group: every group keeps n - round_half_up(ratio n) rows and
+    the eps rule adjusts round_half_up(q kept) of them, whatever the policy (drop: unless the
+    misclassified rows outnumber the quota)."""
+    ids, labels, synth, margins, mis, conv = _flagged_rows(4000, seed=5, mis_rate=0.2)
+    params = _policy_params(misclassified=mis_policy, nonconverged=nc_policy, eps_quantile=0.1)
+    got = sel.select_reference(
+        ids, labels, synth, margins, params, misclassified=mis, converged=conv
+    )
+    adjusted = got.kept & (got.eps != np.float32(POLICY_EPS))
+    forced = mis if mis_policy != "eps_rule" else np.zeros(len(ids), bool)
+    ranked_nc = ~conv & ~forced  # the non-converged rows the nonconverged policy decides
+    none = np.zeros(len(ids), bool)
+    above = ranked_nc & ~mis if nc_policy == "rank_last" else none
+    below = {"rank_last": ranked_nc & mis, "rank_first": ranked_nc}.get(nc_policy, none)
+
+    def first_of(chosen, tier):
+        """A tier at an end of the order is chosen first: whole, or it holds all chosen."""
+        if chosen.sum() >= tier.sum():
+            assert not (tier & ~chosen).any()
+        else:
+            assert not (chosen & ~tier).any()
+
+    for c in range(4):
+        scope = synth & (labels == c)
+        n = int(scope.sum())
+        pruned = scope & ~got.kept
+        n_drop = sel.round_half_up(0.3, n)
+        n_forced = int((scope & mis).sum()) if mis_policy == "drop" else 0
+        assert pruned.sum() == max(n_drop, n_forced)
+        assert int((scope & adjusted).sum()) == sel.round_half_up(0.1, n - int(pruned.sum()))
+        first_of(pruned & ~forced, scope & above)
+        first_of(scope & adjusted, scope & below)
+    if mis_policy == "drop":
+        assert not got.kept[synth & mis].any()
+    if mis_policy == "base_eps":
+        assert np.all(got.eps[synth & mis] == np.float32(POLICY_EPS))
+    if nc_policy == "exclude":
+        assert np.all(got.eps[synth & ranked_nc] == np.float32(POLICY_EPS))
+    assert np.all(got.kept[~synth]) and np.all(got.eps[~synth] == np.float32(POLICY_EPS))
+
+
+def test_drop_beyond_the_quota_and_groups_of_forced_rows_only():
+    ids, labels, synth, margins, mis, conv = _flagged_rows(2000, seed=6, mis_rate=0.5)
+    labels[labels == 3] = 2
+    mis[labels == 2] = True  # class 2: every row misclassified; class 3: empty
+    params = _policy_params(misclassified="drop", nonconverged="exclude", eps_quantile=0.3)
+    ref = sel.select_reference(
+        ids, labels, synth, margins, params, misclassified=mis, converged=conv
+    )
+    kept, eps, plans, _ = _scalable(
+        ids, labels, synth, margins, params, limit=2, mis=mis, conv=conv
+    )
+    assert np.array_equal(kept, ref.kept) and np.array_equal(eps, ref.eps, equal_nan=True)
+    assert plans == ref.plans and 3 not in plans
+    assert plans[2].rows == 0 and plans[2].drop == int((synth & (labels == 2)).sum())
+    assert not kept[synth & mis].any()  # ~half of each class: more than its 30% quota
+    for c in (0, 1):
+        scope = synth & (labels == c)
+        assert int((scope & ~kept).sum()) == int((scope & mis).sum())
+
+
+def test_as_is_and_eps_rule_equal_no_policy():
+    ids, labels, synth, margins, mis, conv = _flagged_rows(2000, seed=7)
+    params = _policy_params()
+    assert not params.uses_flags
+    a = sel.select_reference(ids, labels, synth, margins, params, misclassified=mis, converged=conv)
+    b = sel.select_reference(ids, labels, synth, margins, params)
+    assert np.array_equal(a.kept, b.kept) and np.array_equal(a.eps, b.eps, equal_nan=True)
+
+
+def test_policies_need_the_margin_order_and_resolve_away_for_random():
+    with pytest.raises(ValueError, match="margin order"):
+        SelectionParams("random", misclassified="drop")
+    with pytest.raises(ValueError, match="unknown nonconverged"):
+        SelectionParams("puma", nonconverged="last")
+    cfg = load_config(None, ["pruning.strategy=random", "pruning.misclassified=drop"])
+    p = SelectionParams.from_config(cfg.pruning, 0.1)
+    assert (p.misclassified, p.nonconverged) == ("eps_rule", "as_is")
+    cfg = load_config(None, ["pruning.misclassified=base_eps"])
+    p = SelectionParams.from_config(cfg.pruning, 0.1)
+    assert (p.misclassified, p.nonconverged) == ("base_eps", "rank_last")  # the defaults
+
+
+def test_policies_are_sweepable_names():
+    cfg = load_config(
+        None,
+        [
+            "sweep.space.pruning.misclassified={grid: [eps_rule, drop, base_eps]}",
+            "sweep.space.pruning.nonconverged={choice: [rank_last, as_is]}",
+        ],
+    )
+    assert cfg.sweep.space["pruning.misclassified"].grid == ["eps_rule", "drop", "base_eps"]
+    with pytest.raises(ConfigError, match="pruning.misclassified"):
+        load_config(None, ["sweep.space.pruning.misclassified={grid: [eps_rule, ignore]}"])
+    with pytest.raises(ConfigError, match="grid or choice"):
+        load_config(None, ["sweep.space.pruning.nonconverged={uniform: [0, 1]}"])
+    from puma_ray.sweep.plan import is_unpruned
+
+    dropping = load_config(None, ["pruning.ratio=0", "pruning.eps_rule=none",
+                                  "pruning.misclassified=drop"])  # fmt: skip
+    assert not is_unpruned(dropping)
+    assert is_unpruned(load_config(None, ["pruning.ratio=0", "pruning.eps_rule=none"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Permutation invariance: no decision depends on the ids (when no two margins are equal).
+
+
+def _permuted(ids, how):
+    """A bijection of the id set: a random permutation, or an order-reversing affine map."""
+    if how == "shuffle":
+        return ids[np.random.default_rng(11).permutation(len(ids))]
+    return 17 - 3 * ids
+
+
+def _select_both(ids, labels, synth, margins, params, mis, conv):
+    ref = sel.select_reference(ids, labels, synth, margins, params, misclassified=mis,
+                               converged=conv)  # fmt: skip
+    kept, eps, _, _ = _scalable(ids, labels, synth, margins, params, limit=3, mis=mis, conv=conv)
+    assert np.array_equal(kept, ref.kept) and np.array_equal(eps, ref.eps, equal_nan=True)
+    return kept, eps
+
+
+@pytest.mark.parametrize("how", ["shuffle", "reverse"])
+@pytest.mark.parametrize("strategy,rule", [("puma", "scale_lowest"), ("low_margin", "none")])
+@pytest.mark.parametrize("mis_policy", sel.MISCLASSIFIED_POLICIES)
+@pytest.mark.parametrize("nc_policy", sel.NONCONVERGED_POLICIES)
+def test_permuting_ids_permutes_the_selection(how, strategy, rule, mis_policy, nc_policy):
+    """Row i keeps its label, source, margin and flags and gets a new id: it is kept (or not)
+    and trains at the same eps as before, for the reference and the scalable path alike."""
+    ids, labels, synth, margins, mis, conv = _flagged_rows(4000, seed=8, mis_rate=0.3)
+    assert len(np.unique(margins)) == len(margins)  # continuous: the id never breaks a tie
+    params = _policy_params(strategy, rule, eps_quantile=0.1, misclassified=mis_policy,
+                            nonconverged=nc_policy)  # fmt: skip
+    kept, eps = _select_both(ids, labels, synth, margins, params, mis, conv)
+    kept2, eps2 = _select_both(_permuted(ids, how), labels, synth, margins, params, mis, conv)
+    assert np.array_equal(kept, kept2)
+    assert np.array_equal(eps, eps2, equal_nan=True)
+
+
+def test_unsigned_zero_ties_depend_on_ids_unless_the_policy_takes_them_out():
+    """Unsigned scores give every misclassified row margin 0: under `eps_rule` which of them get
+    the reduced eps is decided by id (not permutation invariant); `base_eps` and `drop` take
+    them out of the order, so the selection is invariant again."""
+    ids, labels, synth, margins, mis, conv = _flagged_rows(4000, seed=9, signed=False,
+                                                          mis_rate=0.3)  # fmt: skip
+    for policy in sel.MISCLASSIFIED_POLICIES:
+        params = _policy_params(eps_quantile=0.1, misclassified=policy, nonconverged="rank_last")
+        kept, eps = _select_both(ids, labels, synth, margins, params, mis, conv)
+        kept2, eps2 = _select_both(_permuted(ids, "reverse"), labels, synth, margins, params,
+                                   mis, conv)  # fmt: skip
+        same = np.array_equal(kept, kept2) and np.array_equal(eps, eps2, equal_nan=True)
+        assert same == (policy != "eps_rule"), policy
+
+
+# ----------------------------------------------------------------------------------------------
 # Config: bad values are caught by the schema; the strategy resolves its eps rule.
 
 
@@ -296,6 +579,10 @@ def test_reference_refuses_nan_margins():
         ("pruning.extrapolation.k=0", "pruning.extrapolation.k"),
         ("pruning.strategy=biggest", "pruning.strategy"),
         ("pruning.eps_rule=clip", "pruning.eps_rule"),
+        ("pruning.misclassified=ignore", "pruning.misclassified"),
+        ("pruning.nonconverged=last", "pruning.nonconverged"),
+        ("pruning.extrapolation.rank_scored=mean", "pruning.extrapolation.rank_scored"),
+        ("pruning.extrapolation.holdout_fraction=1.5", "pruning.extrapolation.holdout_fraction"),
     ],
 )
 def test_config_rejects_bad_pruning_values(override, field):

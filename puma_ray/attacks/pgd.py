@@ -154,17 +154,29 @@ def trades_adv(
     norm: Norm = "linf",
     steps: int = 10,
     step_ratio: float = 0.25,
+    start: Literal["normal", "uniform"] = "normal",
 ) -> torch.Tensor:
-    """TRADES inner maximisation (Zhang et al. 2019): maximise KL(p(x) || p(x')) over the ball,
-    from a small Gaussian start (0.001, as in the reference code), with per-sample radii."""
+    """TRADES inner maximisation (Zhang et al. 2019, arXiv:1901.08573): maximise
+    KL(p(x) || p(x')) over each sample's ball, p(x) computed once by the model as the caller
+    left it (eval mode: running BatchNorm statistics; train mode: the clean batch's own).
+
+    Args:
+        start: `normal` 0.001·N(0, 1), as Zhang et al.'s code (and Wang et al.'s l2 code);
+            `uniform` in each sample's ball, as Wang et al.'s l-inf code (arXiv:2302.04638).
+    Returns: adversarial inputs (detached), inside each sample's ball and [0, 1].
+    """
     _check(norm, steps)
+    if start not in ("normal", "uniform"):
+        raise ValueError(f"start must be 'normal' or 'uniform', got {start!r}")
     with torch.no_grad():
         p_clean = F.softmax(model(x).float(), dim=1)
 
     def loss_fn(logits):
         return F.kl_div(F.log_softmax(logits.float(), dim=1), p_clean, reduction="sum")
 
-    def start(x, e):
+    def draw(x, e):
+        if start == "uniform":
+            return _random_start(x, e, norm)
         return 0.001 * torch.randn_like(x)
 
-    return _run(model, x, eps, loss_fn, norm=norm, steps=steps, step_ratio=step_ratio, start=start)
+    return _run(model, x, eps, loss_fn, norm=norm, steps=steps, step_ratio=step_ratio, start=draw)

@@ -16,14 +16,16 @@ Output `<run_dir>/kept/`:
   .puma-ray-output   the marker that makes the folder prune's to replace (`puma_ray.outputs`);
                      an `--out-dir` holding anything else is refused, never cleared
 
-For `extrapolated`, `<run_dir>/extrapolated/` holds every row's margin (exact for the scored
-subset, k-NN mean otherwise) with its own manifest, reused while its inputs are unchanged.
+For `extrapolated`, `<run_dir>/extrapolated/` holds every row's margin (its same-class k-NN
+estimate, leave-one-out for the scored rows; or their exact score) and the scored rows' flags,
+with its own manifest, reused while its inputs are unchanged.
 
 How the selection scales: the exact cut keys come from `selection.find_cuts`, a radix select
 whose passes are one Ray task per shard (or the same function in-process when Ray is not up);
-each task reads only the id/label/source/margin columns of its shard and returns a histogram or
-a few candidate keys. The driver holds O(buckets x targets), never a row list. A last pass per
-shard applies the cuts and writes that shard's kept rows.
+each task reads only the id/label/source/margin columns of its shard (and pred/converged when a
+row policy needs them) and returns a histogram or a few candidate keys. The driver holds
+O(buckets x targets), never a row list. A last pass per shard applies the cuts and writes that
+shard's kept rows.
 
 The package follows the stage's seams; imports point one way (driver, then extrapolate, passes
 and report, then shards and layout):

@@ -30,7 +30,7 @@ from puma_ray.prune.report import (
     _plot_hist,
     _threshold_lines,
 )
-from puma_ray.prune.shards import SOURCES, ShardInput, _write_task
+from puma_ray.prune.shards import FLAGS, SOURCES, STATUSES, TREATMENTS, ShardInput, _write_task
 from puma_ray.selection import SelectionParams
 
 
@@ -168,6 +168,7 @@ def run_prune(
         shards=len(shards),
         wall_s=time.perf_counter() - start,
         extrapolation=extra,
+        policies=_policy_report(totals, params, extrapolated),
     )
     manifest = _manifest(
         summary,
@@ -242,12 +243,12 @@ def _shard_inputs(
         )
     if scored:
         shards = [
-            ShardInput(n, storage.join(run_dir, "scores", f"shard={n}"), sample=f)
+            ShardInput(n, storage.join(run_dir, "scores", f"shard={n}"), sample=f, flags="scores")
             for n, f in zip(names, dataset.files, strict=True)
         ]
     else:
         shards = [
-            ShardInput(n, f, sample=f, has_margin=False)
+            ShardInput(n, f, sample=f, has_margin=False, flags=None)
             for n, f in zip(names, dataset.files, strict=True)
         ]
     return shards, None
@@ -279,6 +280,35 @@ def _per_source(totals: _Totals) -> dict[str, dict[str, int]]:
     }
 
 
+def _policy_report(totals: _Totals, params: SelectionParams, extrapolated: bool) -> dict | None:
+    """Per row flag (misclassified, non-converged): the policy, how many rows have the flag (in
+    scope or not), how the policy treated the in-scope ones and what became of them. None when
+    the rows carry no flags (no scores)."""
+    if totals.flags is None:
+        return None
+    known = (
+        "scored rows only: estimated rows count as correctly classified and converged"
+        if extrapolated
+        else "every row: pred != label and converged of its score"
+    )
+    policy = {"misclassified": params.misclassified, "nonconverged": params.nonconverged}
+    out: dict = {"flags_known_for": known}
+    for f, flag in enumerate(FLAGS):
+        c = totals.flags[f]
+        in_scope = c[1:]
+        out[flag] = {
+            "policy": policy[flag] if params.order == "margin" else f"none ({params.strategy})",
+            "rows": int(c.sum()),
+            "in_scope": int(in_scope.sum()),
+            "treated": {t: int(in_scope[i].sum()) for i, t in enumerate(TREATMENTS)},
+            "outcome": {
+                ("kept_base_eps" if s == "kept" else s): int(in_scope[:, j].sum())
+                for j, s in enumerate(STATUSES)
+            },
+        }
+    return out
+
+
 def _manifest(
     summary: PruneSummary,
     params: SelectionParams,
@@ -298,7 +328,9 @@ def _manifest(
         "fingerprint": fingerprint,
         "strategy": summary.strategy,
         "base_strategy": params.strategy,
-        "order": "(margin, id) ascending" if params.order == "margin" else "(hash(seed, id), id)",
+        "order": (
+            "(tier, margin, id) ascending" if params.order == "margin" else "(hash(seed, id), id)"
+        ),
         "parameters": parameters,
         "inputs": fps,
         "counts": {
@@ -321,6 +353,7 @@ def _manifest(
         "eps": {"base": params.eps, "min": counts["eps_min"], "mean": counts["eps_mean"]},
         "selection_digest": counts["digest"],
         "extrapolation": summary.extrapolation,
+        "policies": summary.policies,
         "shards": totals.shards,
         "selection": {
             "mode": summary.mode,

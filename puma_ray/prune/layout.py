@@ -12,7 +12,7 @@ from puma_ray import outputs, storage
 from puma_ray.errors import DataError
 
 FORMAT = "puma_ray.kept/1"
-EXTRAPOLATED_FORMAT = "puma_ray.extrapolated/1"
+EXTRAPOLATED_FORMAT = "puma_ray.extrapolated/2"  # 2: estimates for every row, flags
 MANIFEST = "manifest.json"
 
 

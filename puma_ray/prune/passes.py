@@ -125,6 +125,7 @@ class _Totals:
     def __init__(self, num_classes: int):
         self.counts = np.zeros((num_classes, len(SOURCES), len(STATUSES)), np.int64)
         self.hist = None
+        self.flags = None  # per (flag, treatment, status), when the rows have flags
         self.eps_min = None
         self.eps_sum = 0.0
         self.digest = 0
@@ -134,6 +135,8 @@ class _Totals:
         self.counts += stats["counts"]
         if "hist" in stats:
             self.hist = stats["hist"] if self.hist is None else self.hist + stats["hist"]
+        if "flags" in stats:
+            self.flags = stats["flags"] if self.flags is None else self.flags + stats["flags"]
         if stats["eps_min"] is not None:
             m = stats["eps_min"]
             self.eps_min = m if self.eps_min is None else min(self.eps_min, m)

@@ -11,7 +11,7 @@ import numpy as np
 
 from puma_ray import selection, storage
 from puma_ray.config import PipelineConfig
-from puma_ray.prune.shards import HIST_EDGES, SOURCES
+from puma_ray.prune.shards import HIST_EDGES, HIST_SIDE, SOURCES
 from puma_ray.selection import SelectionParams
 
 
@@ -34,6 +34,7 @@ class PruneSummary:
     shards: int = 0
     wall_s: float = 0.0
     extrapolation: dict | None = None
+    policies: dict | None = None  # counts of misclassified / non-converged rows and treatment
     skipped_stage: bool = False
 
     def format(self) -> str:
@@ -59,20 +60,58 @@ class PruneSummary:
                 f"  eps: base {self.eps_base:.5f}, min {self.eps_min:.5f}, mean "
                 f"{self.eps_mean:.5f} over kept rows"
             )
+        lines += [f"  {t}" for t in _policy_lines(self.policies)]
         if self.extrapolation:
-            e = self.extrapolation
-            lines.append(
-                f"  extrapolated: {e['scored_rows']:,} of {e['rows']:,} rows DeepFool-scored "
-                f"({100 * e['scoring_compute_saved']:.0f}% of scoring compute saved), "
-                f"k={e['k']}"
-                + (f", check MAE {e['check_mae']:.4f}" if e.get("check_mae") is not None else "")
-            )
+            lines += [f"  {t}" for t in _extrapolation_lines(self.extrapolation)]
         lines.append(
             f"  selection: {self.passes} pass{'es' if self.passes != 1 else ''} over "
             f"{self.shards} shards ({self.mode}) + write; "
             f"{self.wall_s:.1f}s"
         )
         return "\n".join(lines)
+
+
+def _policy_lines(policies: dict | None) -> list[str]:
+    """One line per row flag: how many rows have it, how the policy treated the in-scope ones
+    and what became of them."""
+    if not policies:
+        return []
+    lines = []
+    for flag, title in (("misclassified", "misclassified"), ("nonconverged", "non-converged")):
+        p = policies.get(flag)
+        if not p or not p["rows"]:
+            continue
+        moved = {k: v for k, v in p["treated"].items() if v and k != "ranked"}
+        how = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in moved.items())
+        how = f" ({how})" if how else ""
+        o = p["outcome"]
+        lines.append(
+            f"{title}: {p['rows']:,} rows, {p['in_scope']:,} in scope; {p['policy']}{how}: "
+            f"{o['pruned']:,} pruned, {o['eps_adjusted']:,} eps-adjusted, "
+            f"{o['kept_base_eps']:,} at base eps"
+        )
+    return lines
+
+
+def _extrapolation_lines(e: dict) -> list[str]:
+    line = (
+        f"extrapolated: {e['scored_rows']:,} of {e['rows']:,} rows DeepFool-scored "
+        f"({100 * e['scoring_compute_saved']:.0f}% of scoring compute saved), k={e['k']}"
+        + (", same class" if e.get("same_class") else "")
+        + {
+            "estimate": ", every row ranked by its estimate",
+            "exact": ", scored rows ranked by their exact margin",
+        }.get(e.get("rank_scored"), "")
+    )
+    lines = [line + (f", check MAE {e['check_mae']:.4f}" if e.get("check_mae") is not None else "")]
+    h = e.get("holdout")
+    if h and h.get("rows"):
+        rho = "n/a" if h["spearman"] is None else f"{h['spearman']:.3f}"
+        lines.append(
+            f"extrapolation check on {h['rows']:,} held-out scored rows: Spearman {rho}, "
+            f"MAE {h['mae']:.4g}"
+        )
+    return lines
 
 
 def _describe(params: SelectionParams, cfg: PipelineConfig) -> str:
@@ -93,6 +132,8 @@ def _describe(params: SelectionParams, cfg: PipelineConfig) -> str:
         parts.append(f"eps x{params.eps_scale:g} for the lowest {params.eps_quantile:g} of kept")
     elif params.eps_rule == "margin_cap":
         parts.append(f"eps = max({params.eps_floor:g}, min(eps, {params.eps_alpha:g} x margin))")
+    if params.order == "margin":
+        parts.append(f"misclassified {params.misclassified}, non-converged {params.nonconverged}")
     return f"{name} ({', '.join(parts)})"
 
 
@@ -110,11 +151,14 @@ def _group_report(plans, cuts, counts, params: SelectionParams, class_names) -> 
         out.append(
             {
                 "group": f"class {g} ({class_names[g]})" if params.per_class else "all",
-                "rows": plan.rows,
+                "rows": plan.in_scope,
                 "kept": plan.kept,
-                "pruned": plan.rows - plan.kept,
+                "pruned": plan.pruned,
                 "eps_adjusted": int(c[1]),
+                # rows the policies took out of the order (they count in `rows`)
+                "forced": {"kept_base_eps": plan.base, "dropped": plan.drop},
                 "ranks": {
+                    "ranked_rows": plan.rows,
                     "keep_from": plan.keep_from,
                     "keep_until": plan.keep_until,
                     **{f"eps_{q}": r for q, r in plan.eps_ranks.items()},
@@ -135,7 +179,12 @@ def _threshold_lines(groups: list[dict], params: SelectionParams) -> list[str]:
             return None
         lo, hi = min(ms), max(ms)
         text = f"{lo:.4g}" if lo == hi else f"{lo:.4g}..{hi:.4g}"
-        return text + (f" over {len(ms)} groups" if len(ms) > 1 else "")
+        text += f" over {len(ms)} groups" if len(ms) > 1 else ""
+        # a cut among the non-converged rows a policy moved: the margin is one of theirs
+        tiered = [g["cuts"][name]["tier"] for g in groups if "tier" in g["cuts"].get(name, {})]
+        if tiered:
+            text += f" ({len(tiered)} of them within the {'/'.join(sorted(set(tiered)))} tier)"
+        return text
 
     lines = []
     if s := span("keep_until"):
@@ -149,28 +198,37 @@ def _threshold_lines(groups: list[dict], params: SelectionParams) -> list[str]:
 
 
 def _plot_hist(uri: str, hist: np.ndarray, title: str) -> None:
-    """Kept vs pruned margin histograms, one panel per source, log-spaced bins; the first bin
-    (margins below 1e-4, mostly 0: misclassified by the margin model) is counted in the legend."""
+    """Kept vs pruned margin histograms, one panel per source, log-spaced bins. Margins in
+    [0, 1e-4) (mostly exact zeros: rows the margin model misclassifies, unsigned) are counted
+    in the legend. Signed scores put those rows below 0: if any are, the axis is symlog with
+    the negative bins mirrored left of 0 and their count in the legend too."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    centers = np.sqrt(HIST_EDGES[1:-1] * HIST_EDGES[2:])
+    side = HIST_SIDE
+    edges = HIST_EDGES[-side - 1 :]
+    centers = np.sqrt(edges[:-1] * edges[1:])
+    signed = bool(hist[..., : side + 1].any())
     fig, axes = plt.subplots(1, len(SOURCES), figsize=(11, 3.8), squeeze=False)
     for s, src in enumerate(SOURCES):
         ax = axes[0, s]
         for k, (label, color) in enumerate((("kept", "tab:blue"), ("pruned", "tab:red"))):
             h = hist[s, k]
-            ax.step(
-                centers,
-                h[1:],
-                where="mid",
-                color=color,
-                label=f"{label} ({h.sum():,}; {h[0]:,} below 1e-4)",
-            )
-        ax.set_xscale("log")
-        ax.set_xlabel("DeepFool margin")
+            counts = f"{h.sum():,}; {h[side + 1]:,} in [0, 1e-4)"
+            if signed:
+                counts += f"; {h[: side + 1].sum():,} below 0"
+            ax.step(centers, h[-side:], where="mid", color=color, label=f"{label} ({counts})")
+            if signed:
+                ax.step(-centers[::-1], h[:side], where="mid", color=color)
+        if signed:
+            ax.set_xscale("symlog", linthresh=1e-4, linscale=0.1)
+            ax.set_xticks([-1e2, -1.0, -1e-2, 0.0, 1e-2, 1.0, 1e2])  # every decade crowds
+            ax.axvline(0.0, color="0.6", linewidth=0.6)
+        else:
+            ax.set_xscale("log")
+        ax.set_xlabel("DeepFool margin" + (" (signed)" if signed else ""))
         ax.set_ylabel("rows")
         ax.set_title(src)
         ax.minorticks_off()  # minor log ticks dominate the drawing time

@@ -1,7 +1,12 @@
 """The work on one shard, as plain functions that run inside Ray tasks (or in this process):
 read and validate its rows table (`_read_rows`, `_validate`), answer one selection pass
 (`_pass_task`), count the outcome of the cuts (`_count_task`) and write the shard's kept rows
-with their `eps` (`_write_task`). Each returns small stats, never a row list."""
+with their `eps` (`_write_task`). Each returns small stats, never a row list.
+
+The row policies (`pruning.misclassified`, `pruning.nonconverged`) read two flags per row: a
+score shard has them as `pred` (misclassified iff pred != label) and `converged`; an
+extrapolated margins file as `misclassified` and `converged` (known for the scored rows; the
+estimated ones count as correctly classified and converged)."""
 
 from __future__ import annotations
 
@@ -21,7 +26,16 @@ from puma_ray.selection import SelectionParams
 
 SOURCES = ("real", "synthetic")
 STATUSES = ("kept", "eps_adjusted", "pruned")  # kept = kept with the base epsilon
-HIST_EDGES = np.concatenate([[0.0], np.geomspace(1e-4, 1e2, 121)])  # ~12% wide bins
+FLAGS = ("misclassified", "nonconverged")
+# how a policy treated a flagged in-scope row: left in the order at its margin, moved below or
+# above every converged row, kept at the base epsilon outside the order, dropped
+TREATMENTS = ("ranked", "below_converged", "above_converged", "kept_base_eps", "dropped")
+FLAG_COLUMNS = {"scores": ("pred", "converged"), "extrapolated": ("misclassified", "converged")}
+# ~12% wide bins from 1e-4 to 1e2, mirrored below 0 for signed margins (scoring.signed:
+# misclassified rows are negative): HIST_SIDE bins each side of [-1e-4, 0) and [0, 1e-4).
+HIST_SIDE = 120
+_POSITIVE_EDGES = np.geomspace(1e-4, 1e2, HIST_SIDE + 1)
+HIST_EDGES = np.concatenate([-_POSITIVE_EDGES[::-1], [0.0], _POSITIVE_EDGES])
 
 
 @dataclass(frozen=True)
@@ -34,6 +48,7 @@ class ShardInput:
     rows: str
     sample: str | None = None
     has_margin: bool = True
+    flags: str | None = "scores"  # where the row flags are (FLAG_COLUMNS), None: no flags
 
 
 @dataclass
@@ -42,6 +57,8 @@ class _Rows:
     labels: np.ndarray
     is_synthetic: np.ndarray
     margins: np.ndarray | None
+    misclassified: np.ndarray | None = None  # bool[n]; None: flags not read
+    converged: np.ndarray | None = None
 
 
 def _one_line(e: BaseException) -> str:
@@ -59,17 +76,54 @@ def _read_table(uri: str, columns: list[str], what: str) -> pa.Table:
         raise DataError(f"{uri}: unreadable {what} ({_one_line(e)})") from None
 
 
-def _read_rows(spec: ShardInput, with_margin: bool) -> _Rows:
+def _read_rows(spec: ShardInput, with_margin: bool, flags: str = "no") -> _Rows:
+    """The rows table; `flags`: "no", "if_present" (for the counts of the write pass) or
+    "required" (a policy needs them: a table without them is refused)."""
     cols = ["id", "label", "source"] + (["margin"] if with_margin else [])
-    t = _read_table(spec.rows, cols, "margins" if with_margin else "rows")
-    return _Rows(
+    what = "margins" if with_margin else "rows"
+    flag_cols = list(FLAG_COLUMNS.get(spec.flags, ())) if flags != "no" else []
+    if flags == "required" and not flag_cols:
+        raise DataError(f"{spec.rows}: no misclassified / converged flags to apply the policies")
+    if flags == "if_present" and flag_cols:
+        names = _column_names(spec.rows)
+        flag_cols = flag_cols if all(c in names for c in flag_cols) else []
+    try:
+        t = _read_table(spec.rows, cols + flag_cols, what)
+    except DataError:  # a clearer line if the table is fine but lacks the flags
+        names = _column_names(spec.rows, missing_ok=True)
+        missing = [c for c in flag_cols if c not in names]
+        if names and missing:
+            raise DataError(
+                f"{spec.rows}: no {'/'.join(missing)} column (scores of an older version?); "
+                "rescore, or set pruning.misclassified=eps_rule and pruning.nonconverged=as_is"
+            ) from None
+        raise
+    labels = t.column("label").to_numpy().astype(np.int64)
+    rows = _Rows(
         ids=t.column("id").to_numpy().astype(np.int64, copy=False),
-        labels=t.column("label").to_numpy().astype(np.int64),
+        labels=labels,
         is_synthetic=np.asarray(
             pc.equal(t.column("source"), "synthetic").to_numpy(zero_copy_only=False), bool
         ),
         margins=t.column("margin").to_numpy().astype(np.float32) if with_margin else None,
     )
+    if flag_cols:
+        first = t.column(flag_cols[0]).to_numpy(zero_copy_only=False)
+        rows.misclassified = (
+            first.astype(np.int64) != labels if flag_cols[0] == "pred" else first.astype(bool)
+        )
+        rows.converged = t.column("converged").to_numpy(zero_copy_only=False).astype(bool)
+    return rows
+
+
+def _column_names(uri: str, *, missing_ok: bool = False) -> list[str]:
+    fs, path = storage.resolve(uri)
+    try:
+        return pads.dataset(path, filesystem=fs, format="parquet").schema.names
+    except (OSError, pa.ArrowException) as e:
+        if missing_ok:
+            return []
+        raise DataError(f"{uri}: unreadable ({_one_line(e)})") from None
 
 
 def _validate(spec: ShardInput, rows: _Rows, num_classes: int) -> None:
@@ -117,8 +171,16 @@ def _validate(spec: ShardInput, rows: _Rows, num_classes: int) -> None:
 
 
 def _keys(rows: _Rows, params: SelectionParams):
-    hi, lo = selection.row_keys(params.order, rows.ids, rows.margins, params.seed)
-    return hi, lo, selection.group_index(rows.labels, rows.is_synthetic, params)
+    """(hi, lo, group codes) of the rows: their keys and groups after the row policies."""
+    return selection.selection_rows(
+        rows.ids,
+        rows.labels,
+        rows.is_synthetic,
+        rows.margins,
+        params,
+        misclassified=rows.misclassified,
+        converged=rows.converged,
+    )
 
 
 def _pass_task(
@@ -130,7 +192,11 @@ def _pass_task(
     validate: bool,
 ) -> list[dict]:
     """One shard's answer to one selection pass (validating the shard in the first)."""
-    rows = _read_rows(spec, with_margin=params.needs_margins or (validate and spec.has_margin))
+    rows = _read_rows(
+        spec,
+        with_margin=params.needs_margins or (validate and spec.has_margin),
+        flags="required" if params.uses_flags else "no",
+    )
     if validate:
         _validate(spec, rows, num_classes)
     hi, lo, groups = _keys(rows, params)
@@ -139,8 +205,13 @@ def _pass_task(
 
 def _outcome(spec: ShardInput, params: SelectionParams, cuts: dict, num_classes: int):
     """Apply the cuts to one shard: (rows, kept, eps, stats). Stats are small: counts per
-    (class, source, status), margin histograms per (source, kept/pruned), eps min and sum."""
-    rows = _read_rows(spec, with_margin=spec.has_margin)
+    (class, source, status), margin histograms per (source, kept/pruned), eps min and sum, and
+    (when the rows have flags) counts per (flag, treatment, status) of the flagged rows."""
+    rows = _read_rows(
+        spec,
+        with_margin=spec.has_margin,
+        flags="required" if params.uses_flags else "if_present",
+    )
     hi, lo, groups = _keys(rows, params)
     kept, eps = selection.apply_cuts(hi, lo, groups, rows.margins, cuts, params)
     adjusted = kept & (eps != np.float32(params.eps))
@@ -154,14 +225,45 @@ def _outcome(spec: ShardInput, params: SelectionParams, cuts: dict, num_classes:
         "eps_sum": float(eps[kept].astype(np.float64).sum()),
         "digest": selection.selection_digest(rows.ids[kept], eps[kept]),
     }
+    if rows.misclassified is not None:
+        stats["flags"] = _flag_counts(rows, hi, groups, status, params)
     if rows.margins is not None:
-        m = np.clip(rows.margins, 0.0, HIST_EDGES[-1])
+        m = np.clip(rows.margins, HIST_EDGES[0], HIST_EDGES[-1])
         hist = np.zeros((len(SOURCES), 2, len(HIST_EDGES) - 1), np.int64)
         for s in range(len(SOURCES)):
             for k, sel in enumerate((kept, ~kept)):
                 hist[s, k] = np.histogram(m[(src == s) & sel], HIST_EDGES)[0]
         stats["hist"] = hist
     return rows, kept, eps, stats
+
+
+def _flag_counts(rows: _Rows, hi, groups, status, params: SelectionParams) -> np.ndarray:
+    """int64[len(FLAGS), 1 + len(TREATMENTS), len(STATUSES)]: per flag, the out-of-scope rows
+    (index 0) and the in-scope rows by treatment (1 + TREATMENTS index), by status."""
+    if params.order == "margin":
+        tier = (hi >> np.uint64(32)).astype(np.int64)
+    else:
+        tier = np.full(len(hi), selection.TIER_NORMAL, np.int64)
+    treatment = np.select(
+        [
+            groups == selection.OUT_OF_SCOPE,
+            groups <= -2,
+            tier == selection.TIER_BELOW,
+            tier == selection.TIER_ABOVE,
+        ],
+        [
+            0,
+            np.where((-groups) % 2 == selection.FORCED_BASE, 4, 5),
+            2,
+            3,
+        ],
+        default=1,
+    )
+    out = np.zeros((len(FLAGS), 1 + len(TREATMENTS), len(STATUSES)), np.int64)
+    for f, flagged in enumerate((rows.misclassified, ~rows.converged)):
+        flat = treatment[flagged] * len(STATUSES) + status[flagged]
+        out[f] = np.bincount(flat, minlength=out[f].size).reshape(out[f].shape)
+    return out
 
 
 def _count_task(spec, params, cuts, num_classes) -> dict:

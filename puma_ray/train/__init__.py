@@ -14,8 +14,10 @@ process when `ray.num_workers == 0` (for debugging), through the same `_Session`
 - Objectives: PGD-AT (Madry et al. 2018, arXiv:1706.06083) and TRADES (Zhang et al. 2019,
   arXiv:1901.08573) with the per-sample eps of the kept set (`eps` column; PUMA shrinks it for
   the lowest-margin samples), or `training.attack.epsilon` for every row of an unpruned set.
-  The attack runs on the unwrapped model in eval mode, so BatchNorm statistics come from the
-  training forward only and DDP sees exactly one forward/backward per step.
+  The attack runs on the unwrapped model without touching BatchNorm's running statistics (PGD
+  in eval mode; TRADES as `training.trades_attack_bn`), so they come from the training
+  forward(s) only: TRADES forwards the clean and the adversarial batch separately, as the
+  reference code, unless `training.trades_forward: concatenated`.
 - Optimiser: SGD-Nesterov, weight decay only on conv/linear weights (not BatchNorm or biases),
   linear warm-up then cosine (or one-cycle / constant) stepped per batch; label smoothing; an
   optional EMA of the weights with the usual warm-up decay min(d, (1+t)/(10+t)).

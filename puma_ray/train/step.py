@@ -43,22 +43,51 @@ def adversarial_batch(
     *,
     objective: str,
     attack: AttackConfig,
+    trades_attack_bn: str = "batch",
+    trades_start: str = "auto",
 ) -> torch.Tensor:
     """The training inputs for one batch: PGD (pgd_at), the TRADES KL maximiser (trades) or x
     itself (standard). `eps` is per sample ([N], pixel units); rows with eps 0 come back equal
-    to x, so they train clean. `model` should be the unwrapped module (not DDP)."""
+    to x, so they train clean. `model` should be the unwrapped module (not DDP).
+
+    PGD runs in eval mode, as the PGD-AT of Wang et al.'s code base (Rice et al.'s runs it in
+    train mode). TRADES runs with BatchNorm as `trades_attack_bn` says: `batch` (train mode,
+    running statistics frozen: Wang et al. 2023) or `running` (eval mode: Zhang et al. 2019);
+    `trades_start` is the `training.trades_start` choice. Neither touches the running
+    statistics, so only the training forward(s) update them."""
     if objective == "standard":
         return x
-    was_training = model.training
-    model.eval()
-    try:
-        kw = dict(norm=attack.norm, steps=attack.steps, step_ratio=attack.step_ratio)
-        if objective == "pgd_at":
+    kw = dict(norm=attack.norm, steps=attack.steps, step_ratio=attack.step_ratio)
+    if objective == "pgd_at":
+        with _mode(model, "running"):
             return pgd(model, x, y, eps, **kw)
-        if objective == "trades":
-            return trades_adv(model, x, eps, **kw)
-        raise ValueError(f"unknown objective {objective!r}")
+    if objective == "trades":
+        if trades_start == "auto":
+            trades_start = "uniform" if attack.norm == "linf" else "normal"
+        with _mode(model, trades_attack_bn):
+            return trades_adv(model, x, eps, start=trades_start, **kw)
+    raise ValueError(f"unknown objective {objective!r}")
+
+
+@contextlib.contextmanager
+def _mode(model: nn.Module, bn: str):
+    """`running`: eval mode. `batch`: train mode with every BatchNorm's running statistics
+    frozen, so each forward normalises with its own batch's statistics and changes no buffer
+    (Wang et al.'s `track_bn_stats(model, False)`). The caller's mode is restored after."""
+    if bn not in ("batch", "running"):
+        raise ValueError(f"unknown BatchNorm mode {bn!r}")
+    was_training = model.training
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    tracked = [m.track_running_stats for m in norms]
+    model.train(bn == "batch")
+    if bn == "batch":
+        for m in norms:
+            m.track_running_stats = False
+    try:
+        yield
     finally:
+        for m, t in zip(norms, tracked, strict=True):
+            m.track_running_stats = t
         model.train(was_training)
 
 
@@ -71,12 +100,22 @@ def training_loss(
     objective: str,
     trades_beta: float,
     label_smoothing: float,
+    trades_forward: str = "separate",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(loss, adversarial logits, clean logits or None). PGD-AT and standard training take one
-    forward; TRADES forwards clean and adversarial inputs as one batch (one DDP forward)."""
+    forward. TRADES is CE(f(x), y) + beta * KL(f(x_adv) || f(x)) (batchmean, the clean softmax
+    not detached, as the reference code): with `trades_forward="separate"` the clean and then
+    the adversarial batch are two forwards, as Zhang et al.'s and Wang et al.'s code, so
+    BatchNorm normalises each batch by its own statistics and updates its running statistics
+    twice; "concatenated" is one forward of both (the same FLOPs; BatchNorm mixes the two)."""
     if objective == "trades":
-        logits = model(torch.cat([x, x_adv])).float()
-        clean, adv = logits[: len(x)], logits[len(x) :]
+        if trades_forward == "separate":
+            clean, adv = model(x).float(), model(x_adv).float()
+        elif trades_forward == "concatenated":
+            logits = model(torch.cat([x, x_adv])).float()
+            clean, adv = logits[: len(x)], logits[len(x) :]
+        else:
+            raise ValueError(f"unknown trades_forward {trades_forward!r}")
         ce = F.cross_entropy(clean, y, label_smoothing=label_smoothing)
         kl = F.kl_div(F.log_softmax(adv, dim=1), F.softmax(clean, dim=1), reduction="batchmean")
         return ce + trades_beta * kl, adv, clean
@@ -97,10 +136,20 @@ def train_step(
     amp=contextlib.nullcontext,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One optimiser step of adversarial training: attack (on `model`), loss (through
-    `wrapped`, the DDP module when distributed), backward, step, lr schedule. The training loop
-    and benchmarks/train.py both call this, so the benchmark times exactly the loop's step."""
+    `wrapped`, the DDP module when distributed: two DDP forwards before one backward with
+    `trades_forward: separate`), backward, step, lr schedule. The training loop and
+    benchmarks/train.py both call this, so the benchmark times exactly the loop's step."""
     with amp():
-        x_adv = adversarial_batch(model, x, y, eps, objective=tcfg.objective, attack=tcfg.attack)
+        x_adv = adversarial_batch(
+            model,
+            x,
+            y,
+            eps,
+            objective=tcfg.objective,
+            attack=tcfg.attack,
+            trades_attack_bn=tcfg.trades_attack_bn,
+            trades_start=tcfg.trades_start,
+        )
         loss, adv_logits, clean_logits = training_loss(
             model if wrapped is None else wrapped,
             x,
@@ -109,6 +158,7 @@ def train_step(
             objective=tcfg.objective,
             trades_beta=tcfg.trades_beta,
             label_smoothing=tcfg.label_smoothing,
+            trades_forward=tcfg.trades_forward,
         )
     opt.zero_grad(set_to_none=True)
     loss.backward()
