@@ -22,7 +22,9 @@ from torch import nn
 
 from puma_ray import storage
 from puma_ray.errors import CheckpointError, ConfigError
+from puma_ray.models import packaged
 from puma_ray.models.registry import create_model
+from puma_ray.models.zoo import is_zoo_ref, load_zoo_model, zoo_fingerprint, zoo_meta
 
 FORMAT = "puma_ray.checkpoint/1"
 DEFAULT_IMAGE_SHAPE = (32, 32, 3)  # [H, W, C], the order of dataset.json
@@ -81,8 +83,11 @@ def load_checkpoint(
 ) -> tuple[nn.Module, dict]:
     """Rebuild the model a checkpoint describes, load its weights, move it to `map_location`.
 
-    Returns (model in eval mode, meta) with meta as in `read_checkpoint_meta`.
+    Returns (model in eval mode, meta) with meta as in `read_checkpoint_meta`. A RobustBench
+    reference (`robustbench:...`, `puma_ray.models.zoo`) loads the zoo model instead.
     """
+    if is_zoo_ref(path):
+        return load_zoo_model(path, map_location)
     checkpoint = _read(path)
     meta = _meta(checkpoint, path)
     try:
@@ -105,6 +110,8 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict:
 
     Keys: path, format, arch, num_classes, kwargs, image_shape ([H, W, C]), extra.
     """
+    if is_zoo_ref(path):
+        return zoo_meta(path)
     return _meta(_read(path), path)
 
 
@@ -129,8 +136,11 @@ def model_fingerprint(path: str | os.PathLike) -> str:
     """32 hex chars of sha256 over arch, num_classes, kwargs and every tensor's bytes.
 
     Tensors are hashed in sorted key order with their dtype and shape, so saving the same weights
-    twice gives the same fingerprint, whatever the archive's byte layout.
+    twice gives the same fingerprint, whatever the archive's byte layout. A RobustBench
+    reference's is the sha256 of its weights file.
     """
+    if is_zoo_ref(path):
+        return zoo_fingerprint(path)
     checkpoint = _read(path)
     digest = hashlib.sha256()
     header = {k: checkpoint[k] for k in ("arch", "num_classes", "kwargs")}
@@ -207,7 +217,9 @@ def _write(path: str | os.PathLike, checkpoint: dict) -> None:
 
 
 def _read(path: str | os.PathLike) -> dict:
-    """The checkpoint dict with tensors on CPU (memory-mapped when local), validated."""
+    """The checkpoint dict with tensors on CPU (memory-mapped when local), validated. A
+    `puma_ray:<file>` name reads the checkpoint shipped in the package."""
+    path = packaged.resolve(path)
     if not storage.exists(path):
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
