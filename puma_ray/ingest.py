@@ -49,7 +49,10 @@ from puma_ray.data.npz import NpzArrays
 from puma_ray.errors import DataError
 from puma_ray.storage import join
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
+TORCHVISION_SPLITS = ("train", "test")  # the parts torchvision ships; validation is carved
+# id block of an npz source's rows by its split (builtin parts have their own, in builtin.py)
+SPLIT_ID_BLOCK = {"train": 0, "val": 3 * 2**38, "test": 2**39}
 
 
 def _stderr(msg: str) -> None:
@@ -75,6 +78,15 @@ class _Item:
     part: str | None = None  # builtin part
     reader: Any = None  # NpzArrays | TorchvisionArrays
     fingerprint_fields: dict = field(default_factory=dict)
+    # Validation carve: row indices (within this source part) held out of a train item, or, on
+    # the val split's item made from them, the rows it holds. `rows` counts rows written.
+    held_out: np.ndarray | None = None
+    carved_from: _Item | None = None
+
+    @property
+    def source_rows(self) -> int:
+        """Rows of the source part before any were held out for validation."""
+        return self.rows + (0 if self.held_out is None else len(self.held_out))
 
 
 @dataclass
@@ -123,7 +135,7 @@ def _torchvision_files(src: TorchvisionSource) -> list[str]:
 
     root = torchvision_sets.root_dir(src)
     if src.name == "svhn":
-        paths = [os.path.join(root, f"{s}_32x32.mat") for s in SPLITS]
+        paths = [os.path.join(root, f"{s}_32x32.mat") for s in TORCHVISION_SPLITS]
         return [p for p in paths if os.path.isfile(p)]
     folder = os.path.join(root, _CIFAR_DIRS[src.name])
     if not os.path.isdir(folder):
@@ -210,7 +222,7 @@ def _plan(data: DataConfig, run_dir: str) -> _Plan:
                     f"npz:{src.path}",
                     src.source,
                     reader.num_rows,
-                    offset + builtin.PART_ID_BLOCK[src.split],
+                    offset + SPLIT_ID_BLOCK[src.split],
                     reader=reader,
                     fingerprint_fields=fields,
                 )
@@ -220,7 +232,7 @@ def _plan(data: DataConfig, run_dir: str) -> _Plan:
             n_cls = torchvision_sets.NUM_CLASSES[src.name]
             names: list[str] | None = None
             stamp = None
-            for split in SPLITS:
+            for split in TORCHVISION_SPLITS:
                 arrays = torchvision_sets.load(src, split)
                 stamp = stamp or _source_stamp(src, run_dir)  # after load: the files exist
                 names = arrays.class_names
@@ -271,23 +283,28 @@ def _plan(data: DataConfig, run_dir: str) -> _Plan:
         num_classes = max(len(c) for c in per_class)
     class_names = declared[0][2] if declared else [str(c) for c in range(num_classes)]
 
+    _check_id_ranges(data, [_Split(s, "", items[s]) for s in SPLITS])
+    carve = _carve_validation(data, items)
     splits = []
     for split in SPLITS:
         uri = join(run_dir, "data", split)
         next_shard = 0
         for item in items[split]:
             item.first_shard = next_shard
-            item.num_shards = -(-item.rows // data.rows_per_shard)
+            # builtin shards cover index ranges of the part, held-out rows or not
+            rows = item.source_rows if item.kind == "builtin" else item.rows
+            item.num_shards = -(-rows // data.rows_per_shard)
             next_shard += item.num_shards
-        splits.append(_Split(split, uri, items[split]))
-    if splits[0].rows == 0:
+        if split != "val" or items[split]:
+            splits.append(_Split(split, uri, items[split]))
+    by_name = {s.split: s for s in splits}
+    if by_name["train"].rows == 0:
         raise DataError("data.sources: no training rows (every source is empty for train)")
-    if splits[1].rows == 0:  # else every training run fails at its first evaluation
+    if by_name["test"].rows == 0:  # else every training run fails at its first evaluation
         raise DataError(
             "data.sources: no test rows (evaluation needs them); add an npz source with "
             "`split: test`, a torchvision source, or builtin rows with real_test > 0"
         )
-    _check_id_ranges(data, splits)
     for s in splits:
         s.config_fingerprint = _fingerprint(
             [
@@ -299,9 +316,64 @@ def _plan(data: DataConfig, run_dir: str) -> _Plan:
                 list(image_shape),
                 class_names,
                 [i.fingerprint_fields for i in s.items],
+                *([carve] if carve and s.split != "test" else []),
             ]
         )
     return _Plan(splits, tuple(image_shape), int(num_classes), list(class_names))
+
+
+def _train_labels(item: _Item, src) -> np.ndarray:
+    """Labels of a train item's rows, in row order (cheap: no images are made)."""
+    if item.kind == "builtin":
+        return builtin.synthetic_flags(src, item.part, np.arange(item.rows)).label
+    if item.kind == "npz":
+        return np.concatenate([np.asarray(c, np.int64) for c in item.reader.iter_labels()])
+    return np.asarray(item.reader.labels, np.int64)
+
+
+def _carve_validation(data: DataConfig, items: dict[str, list[_Item]]) -> dict | None:
+    """Hold `data.validation` of the real training rows (of all training rows if none is real)
+    out as the val split (`puma_ray.data.validation`): each such train item keeps the indices
+    it loses in
+    `held_out`, and a val item carved from it holds them. Returns what the carve depends on
+    (for the fingerprints), or None without a carve."""
+    from puma_ray.data.validation import validation_mask
+
+    if not data.validation:
+        return None
+    # real rows are what the test split resembles; data with none holds out synthetic rows
+    real = [i for i in items["train"] if i.source == "real" and i.rows] or [
+        i for i in items["train"] if i.rows
+    ]
+    labels = [_train_labels(i, data.sources[i.source_index]) for i in real]
+    ids = np.concatenate([i.id_start + np.arange(i.rows, dtype=np.int64) for i in real])
+    try:
+        mask = validation_mask(ids, np.concatenate(labels), data.validation, data.validation_seed)
+    except ValueError as e:
+        raise DataError(f"data.validation: {e}") from None
+    at = 0
+    for item, lab in zip(real, labels, strict=True):
+        held = np.flatnonzero(mask[at : at + len(lab)])
+        at += len(lab)
+        if not len(held):
+            continue
+        item.held_out = held
+        item.rows -= len(held)
+        items["val"].append(
+            _Item(
+                item.source_index,
+                item.kind,
+                f"{item.label} (held out)",
+                item.source,
+                len(held),
+                item.id_start,
+                part=item.part,
+                reader=item.reader,
+                fingerprint_fields=item.fingerprint_fields,
+                carved_from=item,
+            )
+        )
+    return {"validation": data.validation, "seed": data.validation_seed}
 
 
 def _check_id_ranges(data: DataConfig, splits: list[_Split]) -> None:
@@ -325,15 +397,15 @@ def _fingerprint(obj) -> str:
 
 
 def write_builtin_shard(
-    src: BuiltinSource, part: str, start: int, stop: int, id_offset: int, uri: str, index: int
+    src: BuiltinSource, part: str, rows: np.ndarray, id_offset: int, uri: str, index: int
 ) -> shards.ShardInfo:
-    """Generate rows [start, stop) of a builtin part and write them as shard `index` of `uri`.
-    Runs as a Ray task or in-process; memory is one row group."""
+    """Generate the builtin part's rows `rows` (ascending indices) and write them as shard
+    `index` of `uri`. Runs as a Ray task or in-process; memory is one row group."""
     step = shards.row_group_rows(builtin.IMAGE_SHAPE)
 
     def chunks():
-        for a in range(start, stop, step):
-            index_ = np.arange(a, min(stop, a + step), dtype=np.int64)
+        for a in range(0, len(rows), step):
+            index_ = np.asarray(rows[a : a + step], np.int64)
             images, labels = builtin.generate(src, part, index_)
             yield builtin.ids(id_offset, part, index_), images, labels, builtin.PART_SOURCE[part]
 
@@ -341,36 +413,56 @@ def write_builtin_shard(
 
 
 def _builtin_jobs(plan: _Plan, data: DataConfig, split: _Split) -> list[tuple]:
+    """One job per builtin shard: a range of the part's rows less those held out for
+    validation; a val item's rows are the held-out ones."""
     jobs = []
     for item in split.items:
         if item.kind != "builtin":
             continue
         src = data.sources[item.source_index]
         offset = data.source_id_offset(item.source_index)
+        if item.carved_from is not None:
+            rows = item.carved_from.held_out
+        else:
+            rows = np.arange(item.source_rows, dtype=np.int64)
+            if item.held_out is not None:
+                rows = np.setdiff1d(rows, item.held_out, assume_unique=True)
         for k in range(item.num_shards):
             start = k * data.rows_per_shard
-            stop = min(item.rows, start + data.rows_per_shard)
+            if item.carved_from is None:  # index ranges: a shard's rows do not move
+                part_rows = rows[(rows >= start) & (rows < start + data.rows_per_shard)]
+            else:
+                part_rows = rows[start : start + data.rows_per_shard]
             jobs.append(
-                ((src, item.part, start, stop, offset, split.uri, item.first_shard + k), item)
+                ((src, item.part, part_rows, offset, split.uri, item.first_shard + k), item)
             )
     return jobs
 
 
 def _write_sequential(item: _Item, split: _Split, data: DataConfig, plan: _Plan, on_shard):
-    """npz / torchvision rows, read in chunks, rolled into shards by a DatasetWriter."""
+    """npz / torchvision rows, read in chunks, rolled into shards by a DatasetWriter. A val
+    item reads its source again and keeps only its rows (the source's held-out indices); a
+    train item skips those."""
     writer = shards.DatasetWriter(
         split.uri, plan.image_shape, data.rows_per_shard, first_index=item.first_shard
     )
     # ~4 MB reads: the shard writer buffers a whole row group anyway, so bigger reads would only
     # add a second and third copy of a row group to the peak.
     step = max(1, shards.row_group_rows(plan.image_shape) // 4)
+    origin = item.carved_from or item
+    held = origin.held_out
     done = 0
     try:
         for images, labels in item.reader.iter_chunks(step):
             ids = np.arange(done, done + len(labels), dtype=np.int64) + item.id_start
-            for info in writer.write(ids, images, labels, item.source):
-                on_shard(split, item, info)
-            done += len(labels)
+            if held is not None:
+                take = np.isin(ids - item.id_start, held)
+                keep = take if item.carved_from is not None else ~take
+                ids, images, labels = ids[keep], images[keep], labels[keep]
+            done += len(take) if held is not None else len(labels)
+            if len(ids):
+                for info in writer.write(ids, images, labels, item.source):
+                    on_shard(split, item, info)
         infos = writer.close()
     except BaseException:
         writer.abort()
@@ -539,15 +631,14 @@ def run_ingest(
             summaries[split.split] = _split_summary(split, old, skipped=True)
         else:
             todo.append(split)
+    planned = {s.split for s in plan.splits}
+    for split in SPLITS:  # a val split the config no longer asks for must not be read
+        uri = join(run_dir, "data", split)
+        if split not in planned and storage.exists(uri):
+            _clear_split(uri)
+            storage.delete(uri)
     for split in todo:  # manifest first: an interrupted re-ingest never looks complete
-        outputs.clear(
-            split.uri,
-            "dataset",
-            legacy=_shard_set,
-            hint="choose another --run-dir",
-            first=(shards.MANIFEST,),
-            mark=False,
-        )
+        _clear_split(split.uri)
         storage.makedirs(split.uri)
 
     progress = _Progress(sum(s.rows for s in todo), sum(s.num_shards for s in todo), log)
@@ -608,7 +699,7 @@ def run_ingest(
         run_dir=run_dir,
         name=data.name,
         class_names=plan.class_names,
-        splits={s: summaries[s] for s in SPLITS},
+        splits={s.split: summaries[s.split] for s in plan.splits},
         seconds=time.perf_counter() - start,
         rows_written=sum(s.rows for s in todo),
         mode="ray tasks" if use_ray else "in-process",
@@ -616,6 +707,18 @@ def run_ingest(
 
 
 _SHARD_FILE = re.compile(r"^\.?(part-\d{5,}\.parquet|dataset\.json)(\.tmp-[0-9a-f]{8})?$")
+
+
+def _clear_split(uri: str) -> None:
+    """Empty a split directory, manifest first; refused unless it holds only a shard set."""
+    outputs.clear(
+        uri,
+        "dataset",
+        legacy=_shard_set,
+        hint="choose another --run-dir",
+        first=(shards.MANIFEST,),
+        mark=False,
+    )
 
 
 def _shard_set(uri: str, names: set[str]) -> bool:

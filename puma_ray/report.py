@@ -12,7 +12,11 @@ What the plots show (docs/sweeps.md has an example of each):
   baseline is a dashed line.
 - compute.png: training device-seconds per trial (summed over workers) and its share of the
   unpruned baseline's; says so when the sweep has no baseline.
-- curves.png: per-epoch robust accuracy on the test subset, the signal ASHA stops trials on.
+- curves.png: per-epoch robust accuracy on the validation subset, the signal ASHA stops
+  trials on.
+
+"Best" (`sweep.metric`) is chosen on the validation split; the clean and robust accuracy columns
+are the test split's, measured on rows no choice was made on.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import os
 from dataclasses import dataclass, field
 
 from puma_ray.errors import PumaRayError
+from puma_ray.stats import Interval, mean_interval, paired_difference
 from puma_ray.tracking import redact
 
 PLOTS = ("pareto.png", "robust_vs_ratio.png", "compute.png", "curves.png")
@@ -46,20 +51,26 @@ class TrialRow:
     ratio: float | None
     baseline: bool  # prunes nothing and keeps every epsilon: the compute reference
     added_baseline: bool  # the trial the sweep added (not a point of the grid)
-    clean_acc: float | None
+    clean_acc: float | None  # test split (reported, never chosen on)
     robust_acc: float | None
     pgd_acc: float | None
+    val_clean_acc: float | None  # validation split (what `sweep.metric` chooses on)
+    val_robust_acc: float | None
     device_seconds: float | None
     kept_rows: int | None
     kept_fraction: float | None
     epochs: int | None
-    curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, test robust acc)
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, val robust acc)
     pareto: bool = False
     vs_baseline: float | None = None  # device_seconds / the baseline's
 
     @property
     def finished(self) -> bool:
         return self.status == "finished" and self.clean_acc is not None
+
+    def metric(self, name: str) -> float | None:
+        """A `sweep.metric` value: val/robust_acc, val/clean_acc or device_seconds."""
+        return getattr(self, name.replace("val/", "val_"))
 
 
 @dataclass
@@ -86,11 +97,66 @@ class SweepReport:
 
     @property
     def best(self) -> TrialRow | None:
-        done = [r for r in self.rows if r.finished and getattr(r, self.metric) is not None]
+        done = [r for r in self.rows if r.finished and r.metric(self.metric) is not None]
         if not done:
             return None
         pick = max if self.mode == "max" else min
-        return pick(done, key=lambda r: getattr(r, self.metric))
+        return pick(done, key=lambda r: r.metric(self.metric))
+
+    def settings(self) -> list[SettingSummary]:
+        """Finished trials grouped by setting (every swept value but the seeds): repeats of
+        one setting (`sweep.num_samples`) get a mean, a 95% t interval over the repeats and
+        the paired (same training seed) difference to the unpruned baseline."""
+        setting_keys = [k for k in self.swept if not k.endswith(".seed")]
+        groups: dict[tuple, list[TrialRow]] = {}
+        for r in self.rows:
+            if r.finished and r.robust_acc is not None:
+                key = (
+                    ("baseline",)
+                    if r.added_baseline
+                    else tuple(r.values.get(k, "—") for k in setting_keys)
+                )
+                groups.setdefault(key, []).append(r)
+        base = {r.values.get("training.seed"): r for r in self.rows if r.baseline and r.finished}
+        out = []
+        for key, rows in groups.items():
+            pairs = [
+                (r.robust_acc, base[r.values.get("training.seed")].robust_acc)
+                for r in rows
+                if r.values.get("training.seed") in base and not r.baseline
+            ]
+            val = [r.val_robust_acc for r in rows if r.val_robust_acc is not None]
+            out.append(
+                SettingSummary(
+                    label=rows[0].label
+                    if key == ("baseline",)
+                    else _setting_label(setting_keys, key),
+                    trials=[r.trial for r in rows],
+                    val_robust=mean_interval(val) if len(val) == len(rows) else None,
+                    test_robust=mean_interval([r.robust_acc for r in rows]),
+                    test_clean=mean_interval([r.clean_acc for r in rows]),
+                    vs_baseline=paired_difference(*map(list, zip(*pairs, strict=True)))
+                    if pairs and len(pairs) == len(rows)
+                    else None,
+                    baseline=rows[0].baseline,
+                )
+            )
+        out.sort(key=lambda g: -(g.val_robust.value if g.val_robust else -1))
+        return out
+
+    def settings_markdown(self) -> str:
+        """The settings table: mean ± 95% interval over each setting's repeats."""
+        head = ["setting", "repeats", "val robust acc", "test clean acc"]
+        head += [f"test robust acc ({self.attack})", "test robust − unpruned (paired)"]
+        lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+        for g in self.settings():
+            diff = "—" if g.vs_baseline is None else g.vs_baseline.format(4)
+            lines.append(
+                f"| {g.label}{' (unpruned)' if g.baseline else ''} | {len(g.trials)} | "
+                f"{g.val_robust.format(4) if g.val_robust else '—'} | {g.test_clean.format(4)} | "
+                f"{g.test_robust.format(4)} | {diff} |"
+            )
+        return "\n".join(lines)
 
     # ------------------------------------------------------------------ table
 
@@ -102,14 +168,15 @@ class SweepReport:
     def markdown(self) -> str:
         cols = self._columns()
         head = ["trial", "status", *(_short(k) for k in cols)]
-        head += ["kept rows", "clean acc", f"robust acc ({self.attack})", "train device-s"]
-        head += ["vs unpruned", "Pareto"]
+        head += ["kept rows", "val robust acc", "test clean acc"]
+        head += [f"test robust acc ({self.attack})", "train device-s", "vs unpruned", "Pareto"]
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join(_align(h) for h in head) + "|"]
         for r in self.rows:
             name = r.trial + (" (unpruned)" if r.baseline else "")
             cells = [name, r.status, *(r.values.get(k, "—") for k in cols)]
             cells += [
                 _num(r.kept_rows, ",d"),
+                _num(r.val_robust_acc, ".4f"),
                 _num(r.clean_acc, ".4f"),
                 _num(r.robust_acc, ".4f"),
                 _num(r.device_seconds, ".1f"),
@@ -125,13 +192,15 @@ class SweepReport:
         w = csv.writer(buf)
         w.writerow(
             ["trial", "status", "label", *cols, "unpruned", "kept_rows", "kept_fraction"]
-            + ["clean_acc", "robust_acc", "pgd_acc", "device_seconds", "vs_unpruned"]
+            + ["val_clean_acc", "val_robust_acc"]
+            + ["test_clean_acc", "test_robust_acc", "test_pgd_acc", "device_seconds", "vs_unpruned"]
             + ["pareto", "epochs", "mlflow_run_id"]
         )
         for r in self.rows:
             w.writerow(
                 [r.trial, r.status, r.label, *(r.values.get(k, "") for k in cols)]
                 + [r.baseline, _raw(r.kept_rows), _raw(r.kept_fraction)]
+                + [_raw(r.val_clean_acc), _raw(r.val_robust_acc)]
                 + [_raw(r.clean_acc), _raw(r.robust_acc), _raw(r.pgd_acc)]
                 + [_raw(r.device_seconds), _raw(r.vs_baseline), r.pareto, _raw(r.epochs)]
                 + [r.run_id]
@@ -146,10 +215,19 @@ class SweepReport:
             self.markdown(),
             "",
         ]
+        if any(len(g.trials) > 1 for g in self.settings()):
+            lines += [
+                "Settings over their repeats (± : 95% t interval over the repeats' training "
+                "seeds; paired: the same seed's unpruned trial):",
+                "",
+                self.settings_markdown(),
+                "",
+            ]
         best = self.best
         if best is not None:
             lines.append(
-                f"best by {self.metric} ({self.mode}): {best.trial} {best.label} — clean "
+                f"best by {self.metric} ({self.mode}): {best.trial} {best.label} — "
+                f"{self.metric} {_num(best.metric(self.metric), '.4f')}; test clean "
                 f"{best.clean_acc:.4f}, robust {best.robust_acc:.4f}, "
                 f"{_num(best.device_seconds, '.1f')} device-s"
             )
@@ -170,6 +248,23 @@ class SweepReport:
                 f.write(text)
         _plot_all(self, os.path.join(out_dir, "plots"))
         return list(files) + [f"plots/{p}" for p in PLOTS]
+
+
+@dataclass
+class SettingSummary:
+    """One setting of a sweep over its repeats (see `SweepReport.settings`)."""
+
+    label: str
+    trials: list[str]
+    val_robust: Interval | None
+    test_robust: Interval
+    test_clean: Interval
+    vs_baseline: Interval | None
+    baseline: bool
+
+
+def _setting_label(keys: list[str], values: tuple) -> str:
+    return " ".join(f"{_short(k)}={v}" for k, v in zip(keys, values, strict=True)) or "trials"
 
 
 def _short(key: str) -> str:
@@ -278,7 +373,7 @@ def load_report(
         tracking_uri=tracking_uri,
         parent_run_id=parent.info.run_id,
         sweep=p.get("sweep.id", parent.info.run_name or parent.info.run_id),
-        metric=p.get("sweep.metric", "robust_acc"),
+        metric=_metric(p.get("sweep.metric")),
         mode=p.get("sweep.mode", "max"),
         swept=swept,
         attack=_attack(p),
@@ -286,6 +381,15 @@ def load_report(
     )
     _annotate(report)
     return report
+
+
+def _metric(logged: str | None) -> str:
+    """The sweep's `sweep.metric`; sweeps logged before the validation split chose on the test
+    robust accuracy, which the report no longer ranks by: their rows rank by val/robust_acc
+    (absent there, so none is 'best')."""
+    from puma_ray.config import SWEEP_METRICS
+
+    return logged if logged in SWEEP_METRICS else "val/robust_acc"
 
 
 def _attack(p: dict) -> str:
@@ -309,7 +413,7 @@ def _row(client, run, swept: list[str]) -> TrialRow:
     ratio = p.get("pruning.ratio")
     epochs = m.get("epoch")
     try:
-        history = client.get_metric_history(run.info.run_id, "test_robust_acc")
+        history = client.get_metric_history(run.info.run_id, "val/epoch_robust_acc")
     except Exception:
         history = []
     curve = sorted((int(h.step), float(h.value)) for h in history)
@@ -322,9 +426,11 @@ def _row(client, run, swept: list[str]) -> TrialRow:
         ratio=float(ratio) if ratio is not None else None,
         baseline=t.get("puma_ray.unpruned", p.get("sweep.unpruned", "")).lower() == "true",
         added_baseline=t.get("puma_ray.baseline", "").lower() == "true",
-        clean_acc=_float(m, "clean_acc"),
-        robust_acc=_float(m, "robust_acc"),
-        pgd_acc=_float(m, "pgd_acc"),
+        clean_acc=_float(m, "test/clean_acc"),
+        robust_acc=_float(m, "test/robust_acc"),
+        pgd_acc=_float(m, "test/pgd_acc"),
+        val_clean_acc=_float(m, "val/clean_acc"),
+        val_robust_acc=_float(m, "val/robust_acc"),
         device_seconds=_float(m, "device_seconds"),
         kept_rows=int(m["kept_rows"]) if "kept_rows" in m else None,
         kept_fraction=_float(m, "kept_fraction"),
@@ -354,7 +460,7 @@ def _annotate(report: SweepReport) -> None:
             r.vs_baseline = r.device_seconds / base
 
     def key(r: TrialRow):
-        v = getattr(r, report.metric)
+        v = r.metric(report.metric)
         rank = -v if (v is not None and report.mode == "max") else (v if v is not None else 0)
         return (not r.finished, rank, r.trial)
 
@@ -457,8 +563,8 @@ def _plot_pareto(report: SweepReport, path: str) -> None:
     uniq = dict(zip(labels, handles, strict=True))
     if uniq:
         ax.legend(uniq.values(), uniq.keys(), fontsize=8, loc="best")
-    ax.set_xlabel("clean accuracy")
-    ax.set_ylabel(f"robust accuracy ({report.attack})")
+    ax.set_xlabel("test clean accuracy")
+    ax.set_ylabel(f"test robust accuracy ({report.attack})")
     ax.set_title(f"Clean vs robust accuracy per trial — {report.sweep}", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -490,7 +596,7 @@ def _plot_ratio(report: SweepReport, path: str) -> None:
     if groups or base:
         ax.legend(fontsize=8, title=None)
     ax.set_xlabel("prune ratio (fraction of in-scope samples dropped)")
-    ax.set_ylabel(f"robust accuracy ({report.attack})")
+    ax.set_ylabel(f"test robust accuracy ({report.attack})")
     ax.set_title("Robust accuracy vs prune ratio", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -558,7 +664,7 @@ def _plot_curves(report: SweepReport, path: str) -> None:
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
-    ax.set_ylabel("robust accuracy, per-epoch test subset")
+    ax.set_ylabel("robust accuracy, per-epoch validation subset")
     ax.set_title("Per-epoch robust accuracy (what ASHA compares)", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()

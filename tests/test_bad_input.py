@@ -357,7 +357,7 @@ def test_npz_train_and_test_sources(tmp_path, capsys):
         {"type": "npz", "path": str(train_path), "source": "real"},
         {"type": "npz", "path": str(test_path), "source": "real", "split": "test"},
     ]
-    cfg = _write_config(tmp_path / "cfg.yaml", sources, rows_per_shard=20)
+    cfg = _write_config(tmp_path / "cfg.yaml", sources, rows_per_shard=20, validation=0)
     run_dir = tmp_path / "run"
     code = main(["ingest", cfg, "--no-parallel", "--run-dir", str(run_dir)])
     assert code == 0, capsys.readouterr().err

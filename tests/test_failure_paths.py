@@ -117,7 +117,7 @@ def test_torchvision_cifar10_from_a_local_directory(tmp_path, monkeypatch):
     root = tmp_path / "tv"
     want = _fake_cifar10(root, per_batch=20, test_rows=30, monkeypatch=monkeypatch)
     sources = f"data.sources=[{{type: torchvision, name: cifar10, root: '{root}'}}]"
-    cfg = load_config(None, [sources, "data.rows_per_shard=64"])
+    cfg = load_config(None, [sources, "data.rows_per_shard=64", "data.validation=0"])
     run_dir = str(tmp_path / "run")
     summary = run_ingest(cfg, run_dir, parallel=False, log=_quiet)
     assert summary.rows_written == 130
@@ -143,7 +143,8 @@ def test_torchvision_cifar10_from_a_local_directory(tmp_path, monkeypatch):
         None,
         [
             f"data.sources=[{{type: torchvision, name: cifar10, root: '{root}', "
-            "limit_train: 37, limit_test: 5}]"
+            "limit_train: 37, limit_test: 5}]",
+            "data.validation=0",
         ],
     )
     other = str(tmp_path / "limited")

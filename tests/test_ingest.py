@@ -29,7 +29,9 @@ def _quiet(_msg):
 
 
 def _cfg(*sets, sources=SMALL, rows_per_shard=1000):
-    return load_config(None, [sources, f"data.rows_per_shard={rows_per_shard}", *sets])
+    # no validation split: these tests count train rows (tests/test_validation_split.py)
+    sets = [sources, f"data.rows_per_shard={rows_per_shard}", "data.validation=0", *sets]
+    return load_config(None, sets)
 
 
 def _npz_cfg(*paths, num_classes=None, rows_per_shard=1000, test=False):
@@ -416,10 +418,13 @@ def test_cli_ingest_prints_a_summary(tmp_path):
     proc = _cli("--smoke-test", "--no-parallel", "--run-dir", str(run_dir), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "ingest: dataset 'builtin'" in proc.stdout
-    assert "1,536" in proc.stdout and "written" in proc.stdout  # 512 real + 1024 synthetic
+    # 512 real + 1024 synthetic, the demo's quarter of each class's real rows held out
+    assert "train       1,407" in proc.stdout and "written" in proc.stdout
+    assert "val           129" in proc.stdout
     assert "part-00000.parquet" in proc.stderr  # progress lines
-    info = json.loads((run_dir / "data" / "train" / "dataset.json").read_text())
-    assert info["num_rows"] == 1536
+    assert not run_dir.exists()  # a smoke test writes beside the run dir it is given
+    info = json.loads((tmp_path / "run-smoke" / "data" / "train" / "dataset.json").read_text())
+    assert info["num_rows"] == 1407
     again = _cli("--smoke-test", "--no-parallel", "--run-dir", str(run_dir), cwd=tmp_path)
     assert again.returncode == 0 and "up to date" in again.stdout
 

@@ -170,7 +170,7 @@ def test_mlflow_parent_run_with_child_runs(first_run):
     assert len(client.get_metric_history(train.info.run_id, "train_loss")) == 1  # 1 epoch
     ev = next(r for r in children if r.info.run_name == "evaluate")
     assert (
-        ev.data.metrics["clean_acc"]
+        ev.data.metrics["test/clean_acc"]
         == json.load(open(os.path.join(run_dir, "evaluate", "summary.json")))["clean_acc"]
     )
 
@@ -289,3 +289,61 @@ def test_file_uri_run_dir_goes_through_pyarrow(tmp_path, ray_local, monkeypatch)
     assert run_pipeline(cfg, uri, log=lambda _m: None).skipped == list(STAGES)
     with pytest.raises(ConfigError, match="not a URI pyarrow can open"):
         run_pipeline(cfg, f"file://{tmp_path}/with space", log=lambda _m: None)
+
+
+def _outcome(run_dir):
+    """Everything a run decided and measured: the scores, the kept set with its eps, the trained
+    weights and the evaluation's numbers (times and run ids left out)."""
+    import numpy as np
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from puma_ray.models import load_checkpoint
+
+    scores = pads.dataset(
+        os.path.join(run_dir, "scores"), partitioning="hive", exclude_invalid_files=True
+    ).to_table(columns=["id", "margin"])
+    order = np.argsort(scores.column("id").to_numpy())
+    kept_dir = os.path.join(run_dir, "kept")
+    files = [s["file"] for s in json.load(open(os.path.join(kept_dir, "manifest.json")))["shards"]]
+    kept = [pq.read_table(os.path.join(kept_dir, f), columns=["id", "eps"]) for f in files]
+    model, _ = load_checkpoint(os.path.join(run_dir, "train", "model.pt"))
+    ev = json.load(open(os.path.join(run_dir, "evaluate", "summary.json")))
+    return {
+        "margins": scores.column("margin").to_numpy()[order],
+        "kept": np.concatenate([t.column("id").to_numpy() for t in kept]),
+        "eps": np.concatenate([t.column("eps").to_numpy() for t in kept]),
+        "weights": model.state_dict(),
+        "metrics": {k: ev[k] for k in ("rows", "clean_acc", "pgd_acc", "robust_acc")},
+    }
+
+
+def _same(a, b) -> dict[str, bool]:
+    import numpy as np
+    import torch
+
+    out = {k: bool(np.array_equal(a[k], b[k])) for k in ("kept", "eps")}
+    # DeepFool in scoring actors: equal to float rounding (a conv's last bits depend on the
+    # memory it runs in); the order the kept set is cut from, and everything after, exactly
+    out["margins"] = bool(np.allclose(a["margins"], b["margins"], rtol=1e-5, atol=1e-7))
+    out["weights"] = a["weights"].keys() == b["weights"].keys() and all(
+        torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"]
+    )
+    out["metrics"] = a["metrics"] == b["metrics"]
+    return out
+
+
+def test_the_same_seed_reproduces_the_run_and_another_seed_does_not(first_run, tmp_path):
+    """Same config and seed on CPU, a fresh run dir: the same kept set and eps, weights and
+    evaluation numbers bit for bit, and the same margins to float rounding; other seeds (margin
+    model, training, evaluation) change them."""
+    _tmp, run_dir, _cfg_, _result, _logs = first_run
+    want = _outcome(run_dir)
+    again, other = str(tmp_path / "again"), str(tmp_path / "other")
+    run_pipeline(_cfg(tmp_path), again, log=lambda _m: None)  # without the baselines
+    assert _same(_outcome(again), want) == dict.fromkeys(_same(want, want), True)
+    seeds = ["seed=1", "margin_model.train.seed=1", "training.seed=1"]
+    run_pipeline(_cfg(tmp_path, *seeds), other, log=lambda _m: None)
+    same = _same(_outcome(other), want)
+    # (the evaluation's four numbers on 32 rows could tie by chance; the rest cannot)
+    assert not (same["margins"] or same["kept"] or same["eps"] or same["weights"]), same

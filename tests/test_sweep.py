@@ -23,6 +23,7 @@ BASE = [
     "training.epochs=1",
     "training.batch_size=32",
     "training.attack.steps=1",
+    "margin_model.checkpoint=null",  # train one: the packaged model is the demo data's
     "margin_model.train.epochs=1",
     "margin_model.train.batch_size=32",
     "margin_model.train.attack.steps=1",
@@ -229,7 +230,8 @@ def test_grid_sweep_completes(grid_sweep):
         assert manifest["parameters"]["pruning"]["ratio"] == res["values"]["pruning.ratio"]
         assert manifest["counts"]["kept"] == res["metrics"]["kept_rows"]
         m = res["metrics"]
-        assert 0 <= m["robust_acc"] <= m["clean_acc"] <= 1 and m["device_seconds"] > 0
+        assert 0 <= m["test/robust_acc"] <= m["test/clean_acc"] <= 1 and m["device_seconds"] > 0
+        assert 0 <= m["val/robust_acc"] <= m["val/clean_acc"] <= 1  # what "best" is chosen on
         # each trial ran its own Ray Train run, named after the trial
         assert os.path.isdir(os.path.join(result.sweep_dir, "ray_train", trial))
     rows = {
@@ -291,10 +293,13 @@ def test_mlflow_holds_one_parent_and_a_child_per_trial(grid_sweep, tmp_path):
         assert cp["trial"] == ct["puma_ray.trial"] and c.info.run_name.startswith(cp["trial"])
         assert cp["pruning.strategy"] == "puma" and cp["training.epochs"] == "1"
         assert cp["model.arch"] == "small_cnn" and cp["dataset"] == "kept"
-        for key in ("clean_acc", "robust_acc", "pgd_acc", "device_seconds", "kept_rows"):
+        for key in ("test/clean_acc", "test/robust_acc", "test/pgd_acc", "val/robust_acc"):
             assert key in cm, key
-        assert 0 <= cm["robust_acc"] <= cm["clean_acc"] <= 1 and cm["device_seconds"] > 0
-        history = client.get_metric_history(c.info.run_id, "test_robust_acc")
+        assert "device_seconds" in cm and "kept_rows" in cm
+        assert 0 <= cm["test/robust_acc"] <= cm["test/clean_acc"] <= 1 and cm["device_seconds"] > 0
+        ci = (cm["test/robust_acc_ci_low"], cm["test/robust_acc_ci_high"])
+        assert ci[0] <= cm["test/robust_acc"] <= ci[1]
+        history = client.get_metric_history(c.info.run_id, "val/epoch_robust_acc")
         assert [h.step for h in history] == [1]  # per-epoch, from the Train loop's rank 0
         kept = {a.path for a in client.list_artifacts(c.info.run_id, "kept")}
         assert kept == {"kept/manifest.json", "kept/margin_hist.png"}
@@ -330,7 +335,7 @@ def test_report_command_reads_mlflow_without_ray(grid_sweep, tmp_path):
     proc = subprocess.run(cmd + ["--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| trial | status | ratio | eps_scale |" in proc.stdout
-    assert "best by robust_acc (max)" in proc.stdout
+    assert "best by val/robust_acc (max)" in proc.stdout
     assert len([line for line in proc.stdout.splitlines() if line.startswith("| trial_")]) == 4
     for name in PLOTS:
         _check_png(out / "plots" / name)

@@ -181,7 +181,7 @@ def test_sweep_killed_mid_trial_is_restored_and_finished(ray_local, data_dir, tm
         "result": open(os.path.join(sweep_dir, pruned, "result.json")).read(),
         "train": _mtime(sweep_dir, pruned, "train", "summary.json"),
         "model": _mtime(sweep_dir, pruned, "train", "model.pt"),
-        "evaluate": _mtime(sweep_dir, pruned, "evaluate", "summary.json"),
+        "evaluate": _mtime(sweep_dir, pruned, "evaluate_test", "summary.json"),
     }
 
     # the same command again, in this process: Tune restores the sweep and finishes it
@@ -196,7 +196,7 @@ def test_sweep_killed_mid_trial_is_restored_and_finished(ray_local, data_dir, tm
     assert open(os.path.join(sweep_dir, pruned, "result.json")).read() == finished["result"]
     assert _mtime(sweep_dir, pruned, "train", "summary.json") == finished["train"]
     assert _mtime(sweep_dir, pruned, "train", "model.pt") == finished["model"]
-    assert _mtime(sweep_dir, pruned, "evaluate", "summary.json") == finished["evaluate"]
+    assert _mtime(sweep_dir, pruned, "evaluate_test", "summary.json") == finished["evaluate"]
     # the killed one started again from its epoch-1 checkpoint
     attempts = open(os.path.join(sweep_dir, baseline, "attempts.log")).read().splitlines()
     assert len(attempts) == 2
@@ -252,7 +252,7 @@ def test_asha_stops_the_weaker_trial_after_its_grace_epoch(
 
         class PinnedReport(base):
             def after_report(self, run_context, metrics, checkpoint):
-                metrics = [dict(m, test_robust_acc=pinned) for m in metrics]
+                metrics = [{**m, "val/epoch_robust_acc": pinned} for m in metrics]
                 super().after_report(run_context, metrics, checkpoint)
                 if pinned == 0.0:
                     time.sleep(120)  # until Tune stops this trial
@@ -361,3 +361,98 @@ def test_rerun_restores_and_fresh_starts_over(ray_local, data_dir, tmp_path, cap
             r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == p.info.run_id
         ]
         assert len(children) == 1 and children[0].info.status == "FINISHED"
+
+
+# ----------------------------------------------------------------------------------------------
+# The test split decides nothing.
+
+
+def _scramble_test_labels(data_dir, run_dir) -> None:
+    """`run_dir` sees `data_dir`'s train and val shards (symlinks) and a copy of its test split
+    in which every label is wrong ((label + 1) mod classes), written in place of the shards'
+    label column; dataset.json keeps everything ingest wrote but the files' new sizes (which
+    readers check), so no stage sees a changed config or dataset."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(os.path.join(run_dir, "data"))
+    for split in ("train", "val"):
+        os.symlink(os.path.join(data_dir, "data", split), os.path.join(run_dir, "data", split))
+    src, dst = os.path.join(data_dir, "data", "test"), os.path.join(run_dir, "data", "test")
+    os.makedirs(dst)
+    for name in os.listdir(src):
+        if not name.endswith(".parquet"):
+            with open(os.path.join(src, name), "rb") as f, open(os.path.join(dst, name), "wb") as g:
+                g.write(f.read())
+            continue
+        table = pq.read_table(os.path.join(src, name))
+        labels = table.column("label").to_numpy()
+        wrong = pa.array(((labels + 1) % 10).astype(labels.dtype), table.schema.field("label").type)
+        table = table.set_column(table.schema.get_field_index("label"), "label", wrong)
+        pq.write_table(table, os.path.join(dst, name))
+    manifest = os.path.join(dst, "dataset.json")
+    with open(manifest) as f:
+        info = json.load(f)
+    for shard in info["shards"]:
+        shard["bytes"] = os.path.getsize(os.path.join(dst, shard["file"]))
+    with open(manifest, "w") as f:
+        json.dump(info, f)
+
+
+def _decisions(run_dir, result) -> dict:
+    """What the sweep decided and on what: every trial's status, the epochs Tune saw, its
+    per-epoch validation curve, its final validation numbers, and the best trial."""
+    client, runs = _mlflow(run_dir)
+    out = {"best": result.report.best.label, "trials": {}}
+    for run in runs.values():
+        label = run.data.tags.get("puma_ray.label")
+        if label is None:  # the parent
+            continue
+        trial = run.data.tags["puma_ray.trial"]
+        history = client.get_metric_history(run.info.run_id, "val/epoch_robust_acc")
+        out["trials"][label] = {
+            "status": result.trials[trial],
+            "epochs": _tune_epochs(result.sweep_dir, trial),
+            "val_curve": sorted((h.step, h.value) for h in history),
+            "val": {k: v for k, v in run.data.metrics.items() if k.startswith("val/")},
+        }
+    return out
+
+
+def test_scrambled_test_labels_change_no_training_time_decision(ray_local, data_dir, tmp_path):
+    """The same ASHA sweep on the same data, once with the test split's labels all wrong: the
+    per-epoch validation metrics, ASHA's decisions and the best trial are identical; only the
+    final test numbers move (to about zero)."""
+    sets = (
+        "sweep.space={pruning.ratio: {grid: [0.0, 0.5]}}",
+        "sweep.asha=true",
+        "sweep.asha_grace_epochs=1",
+        "sweep.asha_reduction_factor=2",
+        "sweep.max_concurrent_trials=1",
+        "training.epochs=2",
+        "ray.num_workers=1",
+        "ray.cpus_per_worker=1",
+    )
+    clean_dir = _run_dir(data_dir, tmp_path / "clean")
+    scrambled_dir = str(tmp_path / "scrambled")
+    _scramble_test_labels(data_dir, scrambled_dir)
+    results = {d: run_sweep(_cfg(*sets), d, log=_quiet) for d in (clean_dir, scrambled_dir)}
+    clean, scrambled = (_decisions(d, r) for d, r in results.items())
+    assert clean == scrambled
+    assert set(clean["trials"]) == {"ratio=0.5", "ratio=0"}  # ratio 0 is the unpruned point
+    assert all(t["val_curve"] for t in clean["trials"].values())
+
+    def test_acc(run_dir):
+        _client, runs = _mlflow(run_dir)
+        return {
+            r.data.tags["puma_ray.label"]: r.data.metrics.get("test/clean_acc")
+            for r in runs.values()
+            if "puma_ray.label" in r.data.tags
+        }
+
+    before, after = test_acc(clean_dir), test_acc(scrambled_dir)
+    finished = [label for label, t in clean["trials"].items() if t["status"] == "finished"]
+    assert finished
+    for label in finished:
+        assert after[label] != before[label]
+        assert after[label] < before[label]  # every test label is now wrong

@@ -15,7 +15,9 @@ from puma_ray.pipeline import margin_model_config
 from puma_ray.train import EpochPlan, adversarial_batch, augment_batch, lr_factor, run_train
 
 BASE = [
-    "data.sources=[{type: builtin, real_train: 96, real_test: 64, synthetic: 160}]",
+    # 96 real + 160 synthetic training rows, 16 real rows held out for validation
+    "data.sources=[{type: builtin, real_train: 112, real_test: 64, synthetic: 160}]",
+    "data.validation=16",
     "data.rows_per_shard=64",
     "pruning.strategy=random",
     "pruning.ratio=0.25",
@@ -25,6 +27,7 @@ BASE = [
     "training.lr=0.05",
     "training.warmup_epochs=0.5",
     "training.attack.steps=2",
+    "margin_model.checkpoint=null",  # train one: the packaged model is the demo data's
     "margin_model.train.epochs=1",
     "margin_model.train.batch_size=32",
     "margin_model.train.attack.steps=2",
@@ -263,7 +266,7 @@ def test_ddp_two_workers(data_dir, tmp_path):
     first_a, first_b = set(a["ids"][a["real"]][:48]), set(b["ids"][b["real"]][:48])
     assert len(first_a) == len(first_b) == 48 and first_a | first_b == real
     for m in s.history:
-        assert 0 <= m["test_robust_acc"] <= m["test_clean_acc"] <= 1
+        assert 0 <= m["val/epoch_robust_acc"] <= m["val/epoch_clean_acc"] <= 1
 
     from mlflow.tracking import MlflowClient
 
@@ -318,16 +321,17 @@ def test_full_dataset_margin_model_then_evaluate(data_dir, tmp_path):
     saved = json.load(open(os.path.join(run_dir, "evaluate", "summary.json")))
     assert saved["clean_acc"] == ev.clean_acc
 
-    # AutoAttack (standard, through torchattacks from the eval/dev extra) on 8 rows
+    # AutoAttack (standard, the reference pyautoattack from the eval/dev extra) on 8 rows
     aa_cfg = _cfg("ray.num_workers=0", "evaluation.autoattack=true", "evaluation.subset=8")
     aa = run_evaluate(aa_cfg, run_dir, checkpoint=s.model_path, name="evaluate_aa", log=_quiet)
-    assert aa.attacks_run == ["clean", "pgd-3", "autoattack-standard (torchattacks)"]
+    assert aa.attacks_run == ["clean", "pgd-3", "autoattack-standard (pyautoattack)"]
     assert 0 <= aa.autoattack_acc <= aa.clean_acc and aa.robust_acc == aa.autoattack_acc
     assert "AutoAttack (standard)" in aa.format()
     from mlflow.tracking import MlflowClient
 
     logged = MlflowClient(f"sqlite:///{run_dir}/mlflow.db").get_run(aa.mlflow_run_id).data.metrics
-    assert logged["autoattack_acc"] == aa.autoattack_acc
+    assert logged["test/autoattack_acc"] == aa.autoattack_acc
+    assert logged["test/autoattack/square"] == aa.autoattack_stages["square"]
 
 
 @pytest.mark.slow
@@ -344,6 +348,7 @@ def test_pgd_at_beats_standard_training_on_pgd_accuracy(tmp_path, ray_local):
         "data.sources=[{type: builtin, real_train: 1024, real_test: 256, synthetic: 0, "
         "noise: 0.04}]",
         "data.rows_per_shard=1024",
+        "data.validation=0",  # no per-epoch check: the final evaluation is the measurement
         "training.epochs=10",
         "training.batch_size=32",
         "training.lr=0.05",

@@ -20,7 +20,8 @@ CONFIG = """\
 name: walk
 data:
   sources:
-    - {type: builtin, real_train: 64, real_test: 32, synthetic: 128}
+    - {type: builtin, real_train: 74, real_test: 32, synthetic: 128}
+  validation: 10
   rows_per_shard: 64
 margin_model:
   train: {epochs: 1, batch_size: 32, attack: {steps: 1}}
@@ -138,6 +139,6 @@ def test_readme_walkthrough(ray_local, tmp_path, monkeypatch, capsys):
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
     assert set(runs) == {"margin_model", "train", "evaluate", "train_r06", "evaluate_r06"}
     assert {r.info.status for r in runs.values()} == {"FINISHED"}
-    assert runs["evaluate"].data.metrics["clean_acc"] == ev["clean_acc"]
-    assert runs["evaluate_r06"].data.metrics["pgd_acc"] == ev6["pgd_acc"]
+    assert runs["evaluate"].data.metrics["test/clean_acc"] == ev["clean_acc"]
+    assert runs["evaluate_r06"].data.metrics["test/pgd_acc"] == ev6["pgd_acc"]
     assert runs["train"].data.params["rows"] == str(counts["kept"])

@@ -17,6 +17,8 @@ from puma_ray.data.shards import (
     finalize,
     open_dataset,
     read_info,
+    split_dir,
+    validation_dir,
     write_shard,
 )
 
@@ -30,6 +32,8 @@ __all__ = [
     "ShardWriter",
     "dataset_dirs",
     "decode_images",
+    "split_dir",
+    "validation_dir",
     "finalize",
     "open_dataset",
     "read_info",

@@ -50,6 +50,21 @@ def dataset_dirs(run_dir: str) -> tuple[str, str]:
     return storage.join(run_dir, "data", "train"), storage.join(run_dir, "data", "test")
 
 
+def validation_dir(run_dir: str) -> str | None:
+    """The validation split's shard set (`data/val`) if ingest wrote one, else None."""
+    uri = storage.join(run_dir, "data", "val")
+    return uri if storage.exists(storage.join(uri, MANIFEST)) else None
+
+
+def split_dir(run_dir: str, split: str) -> str | None:
+    """The shard set of `split` ('train', 'val' or 'test'); None for a val split not written."""
+    if split == "val":
+        return validation_dir(run_dir)
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}")
+    return storage.join(run_dir, "data", split)
+
+
 def schema(image_shape: Sequence[int]) -> pa.Schema:
     return pa.schema(
         [

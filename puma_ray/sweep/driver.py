@@ -143,7 +143,7 @@ def prepare_inputs(cfg: PipelineConfig, plan: SweepPlan, run_dir: str, log) -> N
         strategies |= set(cfg.sweep.space["pruning.strategy"].values())
     if not strategies - {"random", "none"}:
         return  # nothing ranks by margin: no margin model, no scores
-    if not cfg.margin_model.checkpoint:
+    if not cfg.margin_model.given:  # a checkpoint or a RobustBench zoo model
         run_train(margin_model_config(cfg), run_dir, dataset="full", name="margin_model", log=log)
     summary = run_score(
         cfg, run_dir, embeddings=True if "extrapolated" in strategies else None, log=log
@@ -291,14 +291,14 @@ def _param_space(plan: SweepPlan) -> dict:
 
 
 def _asha_scheduler(cfg: PipelineConfig):
-    """ASHA on the per-epoch test robust accuracy, or None without `sweep.asha`."""
+    """ASHA on the per-epoch validation robust accuracy, or None without `sweep.asha`."""
     if not cfg.sweep.asha:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(
         time_attr="epoch",  # the loop's own epoch count survives Train restarts
-        metric="test_robust_acc",
+        metric="val/epoch_robust_acc",
         mode="max",
         max_t=cfg.training.epochs,
         grace_period=min(cfg.sweep.asha_grace_epochs, cfg.training.epochs),
@@ -313,9 +313,9 @@ def _new_tuner(cfg: PipelineConfig, plan: SweepPlan, trainable, sweep_dir: str, 
     return tune.Tuner(
         trainable,
         param_space=_param_space(plan),
-        # no metric here: per-epoch results carry test_* only; the report ranks trials
+        # no metric here: per-epoch results carry val/epoch_* only; the report ranks trials
         tune_config=tune.TuneConfig(
-            num_samples=cfg.sweep.num_samples,
+            num_samples=plan.num_samples,
             max_concurrent_trials=concurrency,
             scheduler=_asha_scheduler(cfg),
             trial_name_creator=_trial_name,
@@ -437,7 +437,7 @@ def _collect(grid, result: SweepResult, cfg, sweep_dir: str, sweep_id: str, pare
         for s in ("finished", "stopped early", "failed", "interrupted")
     }
     if best is not None:
-        metrics[f"best_{cfg.sweep.metric}"] = getattr(best, cfg.sweep.metric)
+        metrics[f"best_{cfg.sweep.metric}"] = best.metric(cfg.sweep.metric)
     tracking.safe(parent.log_metrics, metrics, 0, log=log)
 
 

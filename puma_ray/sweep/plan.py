@@ -23,6 +23,8 @@ _PRUNING_SHAPE = {
     "pruning.eps_scale",
     "pruning.eps_quantile",
     "pruning.eps_alpha",
+    "pruning.misclassified",
+    "pruning.nonconverged",
 }
 _SEEDS = ("pruning.seed", "training.seed")
 
@@ -43,7 +45,9 @@ def apply_values(cfg: PipelineConfig, values: dict[str, Any]) -> PipelineConfig:
 def is_unpruned(cfg: PipelineConfig) -> bool:
     """True when `cfg.pruning` keeps every sample at the base epsilon (the compute reference)."""
     p = cfg.pruning
-    keeps_all = p.strategy == "none" or p.ratio == 0
+    # `misclassified: drop` drops rows even at ratio 0 (random and none ignore the policies)
+    drops_misclassified = p.misclassified == "drop" and p.strategy not in ("random", "none")
+    keeps_all = p.strategy == "none" or (p.ratio == 0 and not drops_misclassified)
     same_eps = p.eps_rule == "none" or (
         p.eps_rule == "scale_lowest" and (p.eps_scale == 1 or p.eps_quantile == 0)
     )
@@ -85,6 +89,11 @@ def plan_sweep(cfg: PipelineConfig) -> SweepPlan:
     """Expand and check the search space; raise ConfigError (one line naming the key) for
     anything a trial would refuse. Needs no Ray, so a bad space fails before Ray starts."""
     s = cfg.sweep
+    if not cfg.data.has_validation:
+        raise ConfigError(
+            "data.validation: 0 and no source has `split: val`, but a sweep chooses its best "
+            "trial (and ASHA stops trials) on the validation split; set data.validation"
+        )
     if not s.space:
         raise ConfigError("sweep.space: empty (give at least one key, e.g. pruning.ratio)")
     grid_keys = [k for k, d in s.space.items() if d.kind == "grid"]
@@ -112,11 +121,23 @@ def plan_sweep(cfg: PipelineConfig) -> SweepPlan:
     added = s.baseline and not in_grid
     if added:
         points.append({"baseline": True})
+    swept, num_samples = list(s.space), s.num_samples
+    if num_samples > 1 and not sampled:
+        # repeats of a grid are replicates: repeat r trains with training.seed + r (and draws a
+        # random subset with pruning.seed + r) where the space does not set those seeds itself,
+        # so the report can put a mean and an interval on every point
+        seeds = [k for k in _SEEDS if k not in s.space]
+        base = {"training.seed": cfg.training.seed, "pruning.seed": cfg.pruning.seed}
+        points = [
+            {**p, **{k: base[k] + r for k in seeds}} for r in range(num_samples) for p in points
+        ]
+        swept += seeds
+        num_samples = 1
     return SweepPlan(
         points=points,
         sampled=sampled,
-        swept=list(s.space),
-        num_samples=s.num_samples,
+        swept=swept,
+        num_samples=num_samples,
         baseline_added=added,
         baseline_in_grid=in_grid,
     )
@@ -153,6 +174,7 @@ def trial_values(config: dict, plan_swept: list[str]) -> tuple[dict[str, Any], b
     point = dict(config["point"])
     sampled = dict(config.get("sampled", {}))
     if point.pop("baseline", False):
-        return {**BASELINE_VALUES, **{k: v for k, v in sampled.items() if k in _SEEDS}}, True
+        seeds = {k: v for k, v in {**point, **sampled}.items() if k in _SEEDS}
+        return {**BASELINE_VALUES, **seeds}, True
     values = {**point, **sampled}
     return {k: values[k] for k in plan_swept if k in values}, False

@@ -68,12 +68,19 @@ def _prune_task(cfg_json: dict, run_dir: str, out_dir: str) -> dict:
 
 
 def _evaluate_task(cfg_json: dict, run_dir: str, checkpoint: str, name: str) -> dict:
+    """The trial's model on the validation split (what `sweep.metric` chooses on) and on the
+    test split (reported beside it): {"val": summary, "test": summary}."""
     from puma_ray.evaluate import run_evaluate
 
     cfg = PipelineConfig.model_validate(cfg_json)
     # the trial's MLflow run gets these numbers; evaluate must not open a second run
     cfg.tracking.tracking_uri = "none"
-    return run_evaluate(cfg, run_dir, checkpoint, name=name, log=print).to_dict()
+    return {
+        split: run_evaluate(
+            cfg, run_dir, checkpoint, split=split, name=f"{name}_{split}", log=print
+        ).to_dict()
+        for split in ("val", "test")
+    }
 
 
 def _maybe_fail(debug: dict | None, values: dict, baseline: bool) -> None:
@@ -170,7 +177,8 @@ def _train_trial(t: _Trial, ctx: dict, kept: str | None):
 def _evaluate_trial(t: _Trial, run_dir: str, model_path: str) -> dict:
     import ray
 
-    eval_fn = _outside_trial(_evaluate_task, num_cpus=t.cfg.ray.cpus_per_worker)
+    # it only schedules: the evaluation's chunks are Ray tasks of their own
+    eval_fn = _outside_trial(_evaluate_task, num_cpus=0)
     return ray.get(
         eval_fn.remote(t.cfg.model_dump(mode="json"), run_dir, model_path, f"{t.rel}/evaluate")
     )
@@ -182,9 +190,8 @@ def _final_metrics(
     """The trial's final numbers: its evaluation, kept-set size and stage times."""
     rows = prune["rows"] if prune else summary.rows
     final = {
-        "clean_acc": ev["clean_acc"],
-        "robust_acc": ev["robust_acc"],
-        "pgd_acc": ev["pgd_acc"],
+        **ev["val"]["metrics"],
+        **ev["test"]["metrics"],
         "kept_rows": summary.rows,
         "kept_fraction": summary.rows / max(1, rows),
         "eps_adjusted": prune["eps_adjusted"] if prune else 0,
@@ -192,8 +199,6 @@ def _final_metrics(
         "eval_s": eval_s,
         "trial_s": trial_s,
     }
-    if ev.get("autoattack_acc") is not None:
-        final["autoattack_acc"] = ev["autoattack_acc"]
     return final
 
 
@@ -206,8 +211,9 @@ def _tune_metrics(final: dict, summary, ev: dict, cfg: PipelineConfig) -> dict[s
         "device_seconds": float(last.get("device_seconds", float("nan"))),
         "epoch": int(last.get("epoch", cfg.training.epochs)),  # ASHA's time attribute
         # the ASHA metric must be in every result Tune sees, this last one included
-        "test_robust_acc": float(last.get("test_robust_acc", ev["robust_acc"])),
-        "test_clean_acc": float(last.get("test_clean_acc", ev["clean_acc"])),
+        "val/epoch_robust_acc": float(
+            last.get("val/epoch_robust_acc", ev["val"]["metrics"]["val/robust_acc"])
+        ),
         "train_skipped": bool(summary.skipped),
     }
 

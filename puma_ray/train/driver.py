@@ -21,7 +21,7 @@ from torch import nn
 
 from puma_ray import storage, tracking
 from puma_ray.config import PipelineConfig, TrainingConfig
-from puma_ray.data import dataset_dirs, open_dataset
+from puma_ray.data import dataset_dirs, open_dataset, validation_dir
 from puma_ray.errors import ConfigError
 from puma_ray.train.checkpoints import (
     STATE_FILE,
@@ -70,14 +70,14 @@ class TrainSummary:
         if self.resumed_from_epoch:
             lines.append(f"  resumed after epoch {self.resumed_from_epoch}")
         lines.append(
-            f"  {'epoch':>5} {'loss':>8} {'clean':>7} {'adv':>7} {'test':>7} {'robust':>7} "
+            f"  {'epoch':>5} {'loss':>8} {'clean':>7} {'adv':>7} {'val':>7} {'robust':>7} "
             f"{'lr':>9} {'samples/s':>10}"
         )
         for m in self.history[-10:]:
             lines.append(
                 f"  {m['epoch']:>5} {m['train_loss']:>8.4f} {m['train_clean_acc']:>7.4f} "
-                f"{m['train_adv_acc']:>7.4f} {m.get('test_clean_acc', float('nan')):>7.4f} "
-                f"{m.get('test_robust_acc', float('nan')):>7.4f} {m['lr']:>9.2e} "
+                f"{m['train_adv_acc']:>7.4f} {m.get('val/epoch_clean_acc', float('nan')):>7.4f} "
+                f"{m.get('val/epoch_robust_acc', float('nan')):>7.4f} {m['lr']:>9.2e} "
                 f"{m['samples_per_s']:>10.1f}"
             )
         if f:
@@ -92,7 +92,8 @@ def _fingerprint(obj) -> str:
 
 def _inputs(cfg: PipelineConfig, run_dir: str, dataset: str, kept_dir: str | None) -> dict:
     """Shard files, row count and fingerprint of the training data."""
-    train_uri, test_uri = dataset_dirs(run_dir)
+    train_uri, _ = dataset_dirs(run_dir)
+    val_uri = validation_dir(run_dir)  # the per-epoch check's rows; never the test split
     full = open_dataset(train_uri)
     info = full.info
     if dataset == "full":
@@ -105,7 +106,7 @@ def _inputs(cfg: PipelineConfig, run_dir: str, dataset: str, kept_dir: str | Non
             fingerprint=info.fingerprint,
             image_shape=list(info.image_shape),
             num_classes=info.num_classes,
-            test_uri=test_uri,
+            val_uri=val_uri,
         )
     if dataset != "kept":
         raise ConfigError(f"--dataset {dataset}: expected 'kept' or 'full'")
@@ -127,7 +128,7 @@ def _inputs(cfg: PipelineConfig, run_dir: str, dataset: str, kept_dir: str | Non
         fingerprint=manifest["fingerprint"],
         image_shape=list(info.image_shape),
         num_classes=info.num_classes,
-        test_uri=test_uri,
+        val_uri=val_uri,
     )
 
 
@@ -180,6 +181,17 @@ def run_train(
 
     world = max(1, cfg.ray.num_workers)
     current_plan = _checked_batch_plan(inp, tcfg, world, name)
+    if cfg.ray.num_workers > 0:  # Ray Train would wait forever for workers that cannot exist
+        from puma_ray.runtime import check_feasible, ensure_ray, train_request
+
+        ensure_ray(cfg.ray)
+        bundle, workers = train_request(cfg.ray)
+        check_feasible(
+            bundle,
+            f"train {name} (ray.num_workers workers)",
+            workers,
+            hint="lower ray.num_workers or ray.cpus_per_worker, or set ray.use_gpu false",
+        )
     ray_storage_path, ray_name, ray_run, local_ckpt = _checkpoint_dirs(
         run_dir, out_dir, name, fp, ray_storage_path=ray_storage_path, ray_run_name=ray_run_name
     )
@@ -390,7 +402,7 @@ def _loop_config(
         "source_rows": inp["source_rows"],
         "has_eps": inp["has_eps"],
         "uniform_eps": tcfg.attack.epsilon,
-        "test_uri": inp["test_uri"],
+        "val_uri": inp["val_uri"],
         "evaluation": {
             "pgd_steps": ev.epoch_pgd_steps,
             "batch_size": ev.batch_size,

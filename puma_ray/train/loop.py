@@ -4,7 +4,7 @@ reference and runs it on every worker, so it stays a module-level function (also
 `puma_ray.train.train_loop`); with `ray.num_workers: 0` it runs in the driver's process.
 
 Every epoch: draw the batches of the `EpochPlan`, take the optimiser steps (`step.train_step`),
-sum the metrics over the ranks, evaluate on the test subset (rank 0), then report with a
+sum the metrics over the ranks, evaluate on the validation subset (rank 0), then report with a
 checkpoint that rank 0 writes (and logs to MLflow)."""
 
 from __future__ import annotations
@@ -47,12 +47,12 @@ def _maybe_fail(config: dict, session: _Session, epoch: int, at: str = "step") -
 
 
 def _epoch_line(name: str, epochs: int, m: dict) -> str:
-    test = ""
-    if "test_clean_acc" in m:
-        test = f", test clean {m['test_clean_acc']:.3f} robust {m['test_robust_acc']:.3f}"
+    val = ""
+    if "val/epoch_clean_acc" in m:
+        val = f", val clean {m['val/epoch_clean_acc']:.3f} robust {m['val/epoch_robust_acc']:.3f}"
     return (
         f"[{name}] epoch {m['epoch']}/{epochs}: loss {m['train_loss']:.4f}, train clean "
-        f"{m['train_clean_acc']:.3f} adv {m['train_adv_acc']:.3f}{test}, "
+        f"{m['train_clean_acc']:.3f} adv {m['train_adv_acc']:.3f}{val}, "
         f"{m['samples_per_s']:.0f} samples/s, {m['epoch_s']:.0f} s"
     )
 
@@ -60,7 +60,7 @@ def _epoch_line(name: str, epochs: int, m: dict) -> str:
 def train_loop(config: dict, session: _Session | None = None) -> list[dict]:
     """The training loop of one worker (or of the only process). `config` is plain data, built
     by `run_train`; returns the metrics history (rank 0)."""
-    from puma_ray.evaluate import load_test_subset
+    from puma_ray.evaluate import load_split_rows
 
     session = session or _RaySession()
     tcfg = TrainingConfig.model_validate(config["training"])
@@ -74,9 +74,9 @@ def train_loop(config: dict, session: _Session | None = None) -> list[dict]:
     opt, sched, ema = _optimiser(model, tcfg, steps_per_epoch, total_steps)
     w = _Worker(model, wrapped, device, amp, opt, sched, ema)
     start_epoch, device_seconds, history = _resume(session.checkpoint_state(), bplan, w)
-    test = None
-    if rank == 0 and config.get("test_uri"):
-        test = load_test_subset(config["test_uri"], ev["train_subset"])
+    val = None
+    if rank == 0 and config.get("val_uri"):
+        val = load_split_rows(config["val_uri"], ev["train_subset"])
     gen = torch.Generator().manual_seed(tcfg.seed * 1000 + rank)
     debug_dir = config.get("debug_dir")
     epoch_batches = _epoch_batches(session, plan, tcfg.seed, rank, start_epoch)
@@ -85,8 +85,18 @@ def train_loop(config: dict, session: _Session | None = None) -> list[dict]:
         gen.manual_seed(tcfg.seed * 100003 + epoch * 1000 + rank)
         wrapped.train()
         t0 = time.perf_counter()
+        progress = _progress(config, session, tcfg, epoch, steps_per_epoch)
         sums, seen = _train_epoch(
-            config, session, tcfg, w, epoch_batches(epoch), epoch, gen, eps_warmup, bool(debug_dir)
+            config,
+            session,
+            tcfg,
+            w,
+            epoch_batches(epoch),
+            epoch,
+            gen,
+            eps_warmup,
+            bool(debug_dir),
+            progress,
         )
         seconds = time.perf_counter() - t0
         if debug_dir:
@@ -96,8 +106,8 @@ def train_loop(config: dict, session: _Session | None = None) -> list[dict]:
         )
         device_seconds = metrics["device_seconds"]
         eval_model = ema.model if ema is not None else model
-        if test is not None:
-            metrics.update(_test_metrics(eval_model, test, tcfg, ev, device))
+        if val is not None:
+            metrics.update(_val_metrics(eval_model, val, tcfg, ev, device))
         history.append(metrics)
         if rank == 0:
             session.log(_epoch_line(config.get("name", "train"), tcfg.epochs, metrics))
@@ -138,6 +148,8 @@ def _model(config: dict, tcfg: TrainingConfig, world: int):
     rank; DDP over the workers when there are several, the GPU in-process with `use_gpu`."""
     from puma_ray.models import create_model
 
+    if tcfg.deterministic:
+        deterministic_kernels()
     torch.manual_seed(tcfg.seed)  # the same initial weights on every rank
     model = create_model(config["arch"], config["num_classes"], **config["model_kwargs"])
     ddp = world > 1
@@ -159,6 +171,16 @@ def _model(config: dict, tcfg: TrainingConfig, world: int):
         return contextlib.nullcontext()
 
     return model, wrapped, device, amp
+
+
+def deterministic_kernels() -> None:
+    """What PyTorch offers for bitwise-reproducible GPU training (its "Reproducibility" notes):
+    deterministic algorithms (an op without one raises), cuDNN without autotuning, and the
+    cuBLAS workspace setting that must be in the environment before the first cuBLAS call."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def _optimiser(model: nn.Module, tcfg: TrainingConfig, steps_per_epoch: int, total_steps: int):
@@ -191,6 +213,18 @@ def _resume(state: dict | None, bplan: dict, w: _Worker) -> tuple[int, float, li
         w.ema.load_state_dict(state["ema"])
     torch.set_rng_state(state["rng"])
     return int(state["epoch"]) + 1, float(state["device_seconds"]), list(state["history"])
+
+
+def _progress(config: dict, session: _Session, tcfg: TrainingConfig, epoch: int, steps: int):
+    """Rank 0's progress line within the epoch (steps done, rate, ETA) every
+    `logs.progress_every_s()` seconds, through the same `session.log` as the epoch line; None
+    on the other ranks."""
+    if session.rank != 0:
+        return None
+    from puma_ray.logs import Progress
+
+    what = f"[{config.get('name', 'train')}] epoch {epoch + 1}/{tcfg.epochs}"
+    return Progress(steps, what, session.log, unit="steps")
 
 
 def _epoch_batches(session: _Session, plan: EpochPlan, seed: int, rank: int, start_epoch: int):
@@ -230,9 +264,11 @@ def _train_epoch(
     gen: torch.Generator,
     eps_warmup: int,
     keep_ids: bool,
+    progress=None,
 ):
     """The optimiser steps of one epoch over `batches`: (sums [loss*n, clean correct, adv
-    correct, n, batches] of this rank, and with `keep_ids` the (ids, is-real) of each batch)."""
+    correct, n, batches] of this rank, and with `keep_ids` the (ids, is-real) of each batch).
+    `progress` (a `logs.Progress`, or None) counts the steps."""
     sums = np.zeros(5)  # loss*n, clean correct, adv correct, n, batches
     seen: list[tuple[np.ndarray, np.ndarray]] = []
     for batch in batches:
@@ -269,6 +305,8 @@ def _train_epoch(
         ]
         if keep_ids:
             seen.append((ids, batch["source"].to_numpy(zero_copy_only=False) == "real"))
+        if progress is not None:
+            progress.update()
     return sums, seen
 
 
@@ -315,14 +353,15 @@ def _epoch_metrics(
     }
 
 
-def _test_metrics(model: nn.Module, test, tcfg: TrainingConfig, ev: dict, device) -> dict:
-    """Clean and PGD-robust accuracy of `model` on the test subset (rank 0)."""
+def _val_metrics(model: nn.Module, val, tcfg: TrainingConfig, ev: dict, device) -> dict:
+    """Clean and PGD-robust accuracy of `model` on the validation subset (rank 0): what
+    ASHA and a reader of the per-epoch curve decide on, so never the test split."""
     from puma_ray.evaluate import robust_accuracy
 
     clean, robust = robust_accuracy(
         model,
-        test[0],
-        test[1],
+        val[0],
+        val[1],
         tcfg.attack.epsilon,
         norm=tcfg.attack.norm,
         steps=ev["pgd_steps"],
@@ -330,7 +369,7 @@ def _test_metrics(model: nn.Module, test, tcfg: TrainingConfig, ev: dict, device
         device=device,
         seed=tcfg.seed,
     )
-    return {"test_clean_acc": clean, "test_robust_acc": robust}
+    return {"val/epoch_clean_acc": clean, "val/epoch_robust_acc": robust}
 
 
 def _checkpoint(epoch: int, w: _Worker, device_seconds: float, history: list, bplan: dict):
