@@ -164,8 +164,9 @@ def gpu_vs_cpu(model, x, y) -> dict:
 
 def pipeline_smoke(timeout: int, log) -> dict:
     with tempfile.TemporaryDirectory(prefix="puma_gpu_smoke_") as run_dir:
+        # --smoke-test writes to <run dir>-smoke: a folder inside the temporary one
         cmd = [sys.executable, "-m", "puma_ray", "run", "--smoke-test", "--use-gpu",
-               "--run-dir", run_dir]
+               "--run-dir", os.path.join(run_dir, "run")]
         log("pipeline: " + " ".join(cmd))
         start = time.perf_counter()
         try:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from puma_ray.config import PipelineConfig, dump_yaml, load_config, schema_markdown
 from puma_ray.errors import ConfigError, PumaRayError
 
-DEFAULT_RUNS = "runs"
 # `run --force STAGE`: the stages of puma_ray.pipeline (STAGES, then one per baseline), named
 # here so that `--help` does not import it (tests/test_cli_polish.py keeps the two equal)
 RUN_STAGES = (
@@ -28,6 +27,10 @@ RUN_STAGES = (
     "evaluate",
     "baseline_random",
     "baseline_full",
+)
+VERBOSE_HELP = (
+    "show the messages of Ray, Ray Data, Ray Train, Ray Tune and MLflow here; without it they "
+    "go to <run dir>/logs/<command>-<time>.log, and only puma-ray's lines and errors are shown"
 )
 # `--force` means one thing everywhere: redo even if up to date
 FORCE_HELP = "redo this stage even if it is up to date (its finished output is discarded)"
@@ -67,12 +70,20 @@ def _common(p: argparse.ArgumentParser, *, config_positional: bool = True) -> No
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set training.epochs=3 (repeatable)",
     )
-    p.add_argument("--run-dir", help="where stage outputs go (default: runs/<config name>)")
+    p.add_argument(
+        "--run-dir",
+        help="where stage outputs go (default: runs/<config name>; with --smoke-test: "
+        "<run dir>-smoke)",
+    )
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
     p.add_argument("--num-workers", type=int, help="Ray Train workers (0 = in-process)")
     p.add_argument("--use-gpu", action="store_true", help="use GPUs for scoring and training")
     p.add_argument(
-        "--smoke-test", action="store_true", help="tiny data and one epoch: a quick 2-CPU check"
+        "--smoke-test",
+        action="store_true",
+        help="a few minutes of this config on this machine: tiny data (builtin data for "
+        "sources not here), a narrow model, one epoch, the local CPUs/GPUs; writes to "
+        "<run dir>-smoke and the experiment <experiment>-smoke (`config --smoke-test` shows it)",
     )
 
 
@@ -98,7 +109,13 @@ def _absolute(path: str | None) -> str | None:
 
 
 def _run_dir(args: argparse.Namespace, cfg: PipelineConfig) -> str:
-    return _absolute(args.run_dir or os.path.join(DEFAULT_RUNS, cfg.name))
+    """`--run-dir` (`X-smoke` with --smoke-test), else runs/<config name>; the command's log
+    file goes there."""
+    from puma_ray import api, logs
+
+    run_dir = api.run_dir_for(cfg, args.run_dir, smoke_test=getattr(args, "smoke_test", False))
+    logs.set_run_dir(run_dir)
+    return run_dir
 
 
 def _output_name(name: str | None) -> str | None:
@@ -210,11 +227,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args, cfg)
     from puma_ray.evaluate import run_evaluate
     from puma_ray.locking import run_dir_lock
+    from puma_ray.models.zoo import is_zoo_ref, resolve_model_arg
 
-    checkpoint = _absolute(args.checkpoint)
+    checkpoint = args.checkpoint
+    if is_zoo_ref(checkpoint):  # robustbench:NAME or robustbench:PATH.pt
+        checkpoint = resolve_model_arg(checkpoint, cfg.margin_model.robustbench)
+    else:
+        checkpoint = _absolute(checkpoint)
     with run_dir_lock(run_dir, "evaluate", log=_say):
         summary = run_evaluate(
-            cfg, run_dir, checkpoint, name=_output_name(args.name) or "evaluate", log=_say
+            cfg,
+            run_dir,
+            checkpoint,
+            split=args.split,
+            name=_output_name(args.name)
+            or ("evaluate" if args.split == "test" else "evaluate_val"),
+            log=_say,
         )
     _say(summary.format())
     return 0
@@ -223,6 +251,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     if args.compare:
         args.overrides = ["compare=[random, full]", *args.overrides]
+    if args.seeds is not None:
+        args.overrides = [f"seeds={args.seeds}", *args.overrides]
+    if args.train_margin_model:
+        args.overrides = ["margin_model.checkpoint=null", *args.overrides]
     cfg = _config(args)
     run_dir = _run_dir(args, cfg)
     from puma_ray.pipeline import run_pipeline
@@ -337,10 +369,13 @@ EXAMPLES = {
     "evaluate": """\
   puma-ray evaluate runs/demo/train/model.pt
   puma-ray evaluate runs/demo/train/model.pt --set evaluation.subset=null
-  puma-ray evaluate model.pt --config tune_configs/cifar10_edm1m.yaml --run-dir runs/edm1m""",
+  puma-ray evaluate model.pt --config tune_configs/cifar10_edm1m.yaml --run-dir runs/edm1m
+  puma-ray evaluate robustbench:Wang2023Better_WRN-28-10 --config tune_configs/cifar10_edm1m.yaml
+  puma-ray evaluate runs/demo/train/model.pt --set evaluation.autoattack=true""",
     "run": """\
   puma-ray run                             # the embedded demo (builtin data, CPU)
   puma-ray run --compare                   # + the random-subset and full-data baselines
+  puma-ray run --seeds 3 --compare         # each method with 3 training seeds, mean ± 95%
   puma-ray run --force score               # score again, then prune, train and evaluate""",
     "sweep": """\
   puma-ray sweep tune_configs/sweep_demo.yaml      # 2 x 2 grid + unpruned baseline
@@ -394,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="`puma-ray COMMAND --help` shows a command's arguments and examples.",
     )
     parser.add_argument("--version", action="version", version=f"puma-ray {version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_fn, help_text) in COMMANDS.items():
         p = sub.add_parser(
@@ -403,11 +439,20 @@ def build_parser() -> argparse.ArgumentParser:
             epilog="examples:\n" + EXAMPLES[name],
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        # also after the command (`puma-ray run -v`); SUPPRESS keeps the global value otherwise
+        p.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
+        )
         if name == "report":
             _report_args(p)
             continue
         if name == "evaluate":  # `puma-ray evaluate CHECKPOINT`: the model is what it is about
-            p.add_argument("checkpoint", help="model.pt to evaluate (a local path or URI)")
+            p.add_argument(
+                "checkpoint",
+                help="model.pt to evaluate (a local path or URI), or a RobustBench zoo model: "
+                "robustbench:NAME (dataset, threat model and model_dir from the config's "
+                "margin_model.robustbench) or robustbench:MODEL_DIR/DATASET/THREAT/NAME.pt",
+            )
         _common(p, config_positional=name != "evaluate")
         if name in ("ingest", "score", "prune", "train"):
             p.add_argument("--force", action="store_true", help=FORCE_HELP)
@@ -434,6 +479,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--kept-dir", help="kept set to train on (default: <run_dir>/kept)")
         if name in ("train", "evaluate"):
             p.add_argument("--name", help="output folder under the run dir and MLflow run name")
+        if name == "evaluate":
+            p.add_argument(
+                "--split",
+                choices=("test", "val"),
+                default="test",
+                help="the split to measure (default test; val: the validation split that "
+                "training-time choices are made on)",
+            )
         if name == "run":
             p.add_argument(
                 "--force",
@@ -449,6 +502,19 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="also train the baselines (random subset of the same size, all data) with "
                 "the same recipe and print them beside PUMA (config: compare: [random, full])",
+            )
+            p.add_argument(
+                "--train-margin-model",
+                action="store_true",
+                help="train the margin model (margin_model.train) instead of scoring with a "
+                "given one (the demo's is packaged: puma_ray:demo_margin_model.pt)",
+            )
+            p.add_argument(
+                "--seeds",
+                type=int,
+                metavar="N",
+                help="train every method with N training seeds and report mean, 95%% interval "
+                "and the paired difference to full data (config: seeds; default 1)",
             )
         if name == "prune":
             p.add_argument(
@@ -481,7 +547,14 @@ def main(argv: list[str] | None = None) -> int:
     fn = COMMANDS[args.command][0]
     start = time.perf_counter()
     try:
-        code = fn(args)
+        if args.command == "config":  # prints a config, touches neither Ray nor MLflow
+            code = fn(args)
+        else:
+            from puma_ray import logs
+
+            # the log file is named once the run dir is known (`_run_dir`)
+            with logs.session(args.command, verbose=args.verbose, say=_say):
+                code = fn(args)
     except PumaRayError as e:
         print(f"puma-ray {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ its unit and default, so a user reads the whole configuration in one place.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import sys
 from fractions import Fraction
@@ -30,6 +31,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from puma_ray.errors import ConfigError
@@ -92,6 +94,28 @@ PositiveInt = Annotated[int, AfterValidator(_positive)]
 NonNegInt = Annotated[int, AfterValidator(_non_negative)]
 
 
+def _not_bool(v: Any) -> Any:
+    if isinstance(v, bool):
+        raise ValueError("expected a fraction in (0, 1) or a whole count of rows, not a bool")
+    return v
+
+
+def _validation_size(v: Any) -> Any:
+    if isinstance(v, float) and v.is_integer() and v >= 1:
+        return int(v)
+    if isinstance(v, float) and not 0 < v < 1:
+        raise ValueError(f"a fraction must be in (0, 1), a count a whole number >= 0 (got {v})")
+    if isinstance(v, int) and v < 0:
+        raise ValueError(f"a count must be >= 0 (got {v})")
+    return v
+
+
+_validation_size.constraint = "a fraction in (0, 1) or a count >= 0"
+ValidationSize = Annotated[
+    int | float, BeforeValidator(_not_bool), AfterValidator(_validation_size)
+]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -137,10 +161,11 @@ class NpzSource(Strict):
     source: Literal["real", "synthetic"] = Field(
         "synthetic", description="what its rows are marked (pruning.scope decides what may drop)"
     )
-    split: Literal["train", "test"] = Field(
+    split: Literal["train", "val", "test"] = Field(
         "train",
         description="which split the rows go to; `test` makes this file the test split, so "
-        "your own data needs no torchvision",
+        "your own data needs no torchvision; `val` makes it the validation split (then "
+        "`data.validation` must be 0)",
     )
     limit: PositiveInt | None = Field(
         None, description="take only the first `limit` rows; null: all"
@@ -187,6 +212,35 @@ class DataConfig(Strict):
     rows_per_shard: PositiveInt = Field(
         50_000, description="rows per Parquet shard (50,000 32x32x3 images are ~150 MB)"
     )
+    validation: ValidationSize = Field(
+        0.1,
+        description="real training rows held out as the validation split (`data/val`), which "
+        "per-epoch checks, ASHA and `sweep.metric` read, so that the test split is read only "
+        "by the final evaluation: a fraction of each class's real rows (`0.1`) or a total "
+        "count split across classes in proportion (`1000`); drawn per class by hash(seed, id); "
+        "0: no validation split (then no per-epoch check, and `sweep` refuses to run). Never "
+        "scored, pruned or trained on",
+    )
+    validation_seed: int = Field(
+        0, description="seed of the hash that picks the validation rows (not the training seed)"
+    )
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether ingest writes a validation split (carved, or a source with split: val)."""
+        return bool(self.validation) or any(
+            getattr(s, "split", None) == "val" for s in self.sources
+        )
+
+    @model_validator(mode="after")
+    def _one_validation_source(self):
+        explicit = [i for i, s in enumerate(self.sources) if getattr(s, "split", None) == "val"]
+        if explicit and self.validation:
+            raise ValueError(
+                f"data.sources[{explicit[0]}] is the validation split (split: val), so "
+                f"data.validation must be 0 (got {self.validation})"
+            )
+        return self
 
     def source_id_offset(self, index: int) -> int:
         src = self.sources[index]
@@ -250,6 +304,26 @@ class TrainingConfig(Strict):
         "pgd_at", description="PGD adversarial training, TRADES, or plain (clean) training"
     )
     trades_beta: NonNegFloat = Field(5.0, description="TRADES: weight of the robustness term")
+    trades_forward: Literal["separate", "concatenated"] = Field(
+        "separate",
+        description="TRADES: `separate` forwards the clean and then the adversarial batch, so "
+        "BatchNorm normalises each with its own statistics and updates its running statistics "
+        "twice (the code of Zhang et al. and Wang et al.); `concatenated` forwards both as one "
+        "batch (same FLOPs, fewer and larger kernels; BatchNorm sees mixed statistics)",
+    )
+    trades_attack_bn: Literal["batch", "running"] = Field(
+        "batch",
+        description="TRADES: BatchNorm in the inner maximisation: `batch` normalises every "
+        "attack forward with its own batch statistics and leaves the running statistics alone "
+        "(train mode, Wang et al.'s code); `running` uses the running statistics (eval mode, "
+        "Zhang et al.'s code)",
+    )
+    trades_start: Literal["auto", "uniform", "normal"] = Field(
+        "auto",
+        description="TRADES: the inner maximisation's start: `uniform` in each sample's ball, "
+        "`normal` 0.001·N(0, 1) (Zhang et al.); `auto`: uniform for linf, normal for l2 "
+        "(Wang et al.'s code)",
+    )
     attack: AttackConfig = Field(
         default_factory=AttackConfig, description="the attack training uses and evaluation measures"
     )
@@ -309,6 +383,14 @@ class TrainingConfig(Strict):
         description="seeds the initial weights, the batch order, the augmentation and the PGD "
         "starts of training and of its per-epoch check",
     )
+    deterministic: bool = Field(
+        False,
+        description="GPU runs: make every kernel deterministic (torch.use_deterministic_"
+        "algorithms, cuDNN deterministic without autotuning, CUBLAS_WORKSPACE_CONFIG), so the "
+        "same config and seed give the same weights; slower, and an op without a "
+        "deterministic kernel raises. CPU training is deterministic without it "
+        "(docs/training.md)",
+    )
 
     @field_validator("samples_per_epoch")
     @classmethod
@@ -322,13 +404,47 @@ class TrainingConfig(Strict):
         return v
 
 
+class RobustBenchConfig(Strict):
+    """A published robust model from the RobustBench zoo (the `zoo` extra), loaded by
+    robustbench's own loader from `model_dir`."""
+
+    name: str | None = Field(
+        None,
+        description="the zoo entry, e.g. `Wang2023Better_WRN-28-10`; null: no zoo model",
+    )
+    dataset: Literal["cifar10", "cifar100"] = Field(
+        "cifar10", description="the zoo's dataset (models take 32x32 RGB pixels in [0, 1])"
+    )
+    threat_model: Literal["Linf", "L2", "corruptions"] = Field(
+        "Linf", description="the zoo's threat model the entry is listed under"
+    )
+    model_dir: str = Field(
+        "models",
+        description="where the weights are: `<model_dir>/<dataset>/<threat_model>/<name>.pt` "
+        "(robustbench's layout). A local path that every node sees (a shared file system or "
+        "the node image); relative paths are taken from the driver's working directory",
+    )
+    download: bool = Field(
+        False,
+        description="fetch missing weights with robustbench's downloader on the driver (needs "
+        "internet); false: a missing file is an error that names the file to place",
+    )
+
+
 class MarginModelConfig(Strict):
-    """The robust model whose DeepFool margins rank the samples: a given checkpoint, or trained."""
+    """The robust model whose DeepFool margins rank the samples: a given checkpoint, a RobustBench
+    zoo model, or trained."""
 
     checkpoint: str | None = Field(
         None,
-        description="a model.pt to score with (local path or URI); null: train one on all the "
-        "samples with `model` and `train` (the `margin_model` stage of `puma-ray run`)",
+        description="a model.pt to score with (local path or URI); null (and no "
+        "`robustbench.name`): train one on all the samples with `model` and `train` (the "
+        "`margin_model` stage of `puma-ray run`)",
+    )
+    robustbench: RobustBenchConfig = Field(
+        default_factory=RobustBenchConfig,
+        description="a RobustBench zoo model to score with instead (set `name`; not with "
+        "`checkpoint`)",
     )
     model: ModelConfig = Field(
         default_factory=ModelConfig, description="the margin model's network"
@@ -336,6 +452,20 @@ class MarginModelConfig(Strict):
     train: TrainingConfig = Field(
         default_factory=TrainingConfig, description="the margin model's training recipe"
     )
+
+    @model_validator(mode="after")
+    def _one_given_model(self):
+        if self.checkpoint is not None and self.robustbench.name is not None:
+            raise ValueError(
+                "set checkpoint or robustbench.name, not both (both name the model to score "
+                "with; the demo sets checkpoint: add --set margin_model.checkpoint=null)"
+            )
+        return self
+
+    @property
+    def given(self) -> bool:
+        """A model is given (checkpoint or zoo), so none is trained."""
+        return self.checkpoint is not None or self.robustbench.name is not None
 
 
 class ScoringConfig(Strict):
@@ -351,7 +481,16 @@ class ScoringConfig(Strict):
     )
     clip: bool = Field(False, description="keep DeepFool's iterates inside the [0, 1] image box")
     target: Literal["true", "predicted"] = Field(
-        "true", description="the margin with respect to the true or the predicted label"
+        "true",
+        description="the margin with respect to the true or the predicted label (with "
+        "'predicted' no sample is misclassified, so `signed` changes nothing)",
+    )
+    signed: bool = Field(
+        True,
+        description="signed margins: a sample the margin model misclassifies gets minus its "
+        "DeepFool distance back into its true class instead of 0, so the lowest margins are "
+        "ordered, not tied; the score state records it, and scores made under the other "
+        "setting (or before it existed) are rescored, never mixed",
     )
     batch_size: PositiveInt = Field(
         256, description="rows per DeepFool batch; an actor's memory grows with it"
@@ -383,6 +522,23 @@ class ExtrapolationConfig(Strict):
     )
     base_strategy: Literal["puma", "high_margin", "low_margin"] = Field(
         "puma", description="the strategy applied to the scored and estimated margins"
+    )
+    same_class: bool = Field(
+        True,
+        description="neighbours only among the scored rows of the row's own label (the margin "
+        "is measured towards the label); false: any class",
+    )
+    rank_scored: Literal["estimate", "exact"] = Field(
+        "estimate",
+        description="`estimate`: every row is ranked by its k-NN estimate, a scored row's "
+        "leaving itself out, so scored and unscored rows are ranked alike; `exact`: scored rows "
+        "keep their DeepFool margin (their larger spread puts them at both tails of the order)",
+    )
+    holdout_fraction: Fraction01 = Field(
+        0.2,
+        description="share of the scored rows (a third hash of the id) whose leave-one-out "
+        "estimate is compared with their true margin (Spearman, Pearson, MAE in the manifest); "
+        "they stay neighbours of every other row, so the selection does not depend on it",
     )
 
 
@@ -426,6 +582,20 @@ class PruningConfig(Strict):
         1.0, description="margin_cap: `eps_i = min(epsilon, eps_alpha * margin_i)`"
     )
     eps_floor: NonNegFloat = Field(0.0, description="margin_cap: lower bound on `eps_i`")
+    misclassified: Literal["eps_rule", "drop", "base_eps"] = Field(
+        "eps_rule",
+        description="rows the margin model gets wrong (pred != label), margin strategies only: "
+        "`eps_rule`: ranked by their margin like every row (the lowest: puma's eps rule takes "
+        "them first); `drop`: always dropped, counted in the ratio; `base_eps`: always kept at "
+        "the base epsilon, outside the eps rule (docs/pruning.md)",
+    )
+    nonconverged: Literal["rank_last", "rank_first", "exclude", "as_is"] = Field(
+        "rank_last",
+        description="rows whose DeepFool did not converge (their margin's size is only a lower "
+        "bound), margin strategies only: `rank_last`: above every converged row (a misclassified "
+        "one: below); `rank_first`: below every converged row; `exclude`: always kept at the "
+        "base epsilon, outside the order; `as_is`: ranked by the recorded margin",
+    )
     extrapolation: ExtrapolationConfig = Field(
         default_factory=ExtrapolationConfig, description="settings of the extrapolated strategy"
     )
@@ -442,18 +612,54 @@ class EvaluationConfig(Strict):
         1000, description="test rows evaluated; null: the whole test split"
     )
     autoattack: bool = Field(
-        False, description="also run AutoAttack (needs the `eval` extra: torchattacks)"
+        False,
+        description="also run AutoAttack with the reference implementation (`pyautoattack`, "
+        "the `eval` extra), reporting the robust accuracy after each of its attacks",
+    )
+    autoattack_version: Literal["standard", "plus", "rand", "custom"] = Field(
+        "standard",
+        description="the reference's version: `standard` (APGD-CE, APGD-T, FAB-T, Square: "
+        "what RobustBench reports), `plus`, `rand` (randomised defences), or `custom` "
+        "(runs `autoattack_attacks`)",
+    )
+    autoattack_attacks: (
+        list[Literal["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"]] | None
+    ) = Field(
+        None,
+        description="the attacks of `autoattack_version: custom`, in order, with the "
+        "reference's default settings; null for the other versions",
     )
     batch_size: PositiveInt = Field(500, description="rows per evaluation batch")
+    chunk_rows: PositiveInt = Field(
+        1000,
+        description="rows per evaluation chunk: each chunk is a Ray task (one GPU each with "
+        "ray.use_gpu, else ray.cpus_per_worker CPUs) whose result is saved on its own, so an "
+        "interrupted evaluation resumes at the first unfinished chunk",
+    )
     epoch_subset: PositiveInt = Field(
         1000,
-        description="the check after every training epoch (test_clean_acc, test_robust_acc: "
-        "what ASHA stops on) uses at most this many of the `subset` rows; a progress signal, "
-        "the `evaluate` stage is the measurement",
+        description="the check after every training epoch on the validation split "
+        "(val/epoch_clean_acc, val/epoch_robust_acc: what ASHA stops on) uses at most this many "
+        "of its first `subset` rows; a progress signal, the `evaluate` stage is the measurement",
     )
     epoch_pgd_steps: PositiveInt = Field(
         10, description="PGD steps of the check after every training epoch"
     )
+
+    @model_validator(mode="after")
+    def _autoattack_list(self):
+        custom = self.autoattack_version == "custom"
+        if custom and not self.autoattack_attacks:
+            raise ValueError("autoattack_version: custom needs a non-empty autoattack_attacks")
+        if not custom and self.autoattack_attacks is not None:
+            raise ValueError(
+                f"autoattack_attacks is only used with autoattack_version: custom "
+                f"(got version {self.autoattack_version})"
+            )
+        attacks = self.autoattack_attacks or []
+        if len(set(attacks)) != len(attacks):
+            raise ValueError("autoattack_attacks names an attack twice")
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,12 +673,22 @@ SWEEPABLE = (
     "pruning.eps_alpha",
     "pruning.eps_rule",
     "pruning.seed",
+    "pruning.misclassified",
+    "pruning.nonconverged",
     "training.seed",
 )
 # keys whose values are names or integers: only grid / choice can produce them
-SWEEP_DISCRETE = ("pruning.strategy", "pruning.eps_rule", "pruning.seed", "training.seed")
+SWEEP_DISCRETE = (
+    "pruning.strategy",
+    "pruning.eps_rule",
+    "pruning.seed",
+    "pruning.misclassified",
+    "pruning.nonconverged",
+    "training.seed",
+)
 # what a trial measures at its end (evaluate's numbers and the training compute)
-SWEEP_METRICS = ("robust_acc", "clean_acc", "pgd_acc", "device_seconds")
+# "best" is chosen on the validation split (or on compute); test numbers are only reported
+SWEEP_METRICS = ("val/robust_acc", "val/clean_acc", "device_seconds")
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")
 
 
@@ -545,15 +761,23 @@ class SweepConfig(Strict):
         f"one key (null removes it). Search keys: {', '.join(SWEEPABLE)}",
     )
     num_samples: PositiveInt = Field(
-        1, description="repeats of the grid; each draws its own choice/uniform values"
+        1,
+        description="repeats of the grid: repeat r trains with training.seed + r (and draws a "
+        "random subset with pruning.seed + r) unless the space sets those seeds, and the report "
+        "gives each setting's mean with a 95% interval over its repeats; with choice / uniform "
+        "dimensions, each repeat draws its own values instead (Tune's num_samples)",
     )
     metric: str = Field(
-        "robust_acc",
-        description=f'what "best" means in the report: one of {", ".join(SWEEP_METRICS)}',
+        "val/robust_acc",
+        description=f'what "best" means in the report: one of {", ".join(SWEEP_METRICS)} '
+        "(the final evaluation of each trial on the validation split; the test split is "
+        "reported beside it, never chosen on)",
     )
     mode: Literal["max", "min"] = Field("max", description="whether the best metric is max or min")
     asha: bool = Field(
-        False, description="stop weak trials early on their per-epoch test robust accuracy"
+        False,
+        description="stop weak trials early on their per-epoch validation robust accuracy "
+        "(`val/epoch_robust_acc`)",
     )
     asha_grace_epochs: PositiveInt = Field(
         1, description="ASHA never stops a trial before this many epochs"
@@ -596,8 +820,11 @@ class SweepConfig(Strict):
     @classmethod
     def _known_metric(cls, metric: str) -> str:
         if metric not in SWEEP_METRICS:
+            hint = ""
+            if metric in ("robust_acc", "clean_acc", "pgd_acc"):
+                hint = f" ({metric} is measured on the test split; choose on val/{metric})"
             raise ValueError(
-                f"unknown metric {metric!r} (expected one of {', '.join(SWEEP_METRICS)})"
+                f"unknown metric {metric!r} (expected one of {', '.join(SWEEP_METRICS)}){hint}"
             )
         return metric
 
@@ -728,6 +955,14 @@ class PipelineConfig(Strict):
         description="baselines `puma-ray run` also trains with the same recipe and evaluates "
         "beside PUMA: `full` (no pruning, uniform epsilon) and `random` (a random subset at "
         "pruning.ratio); `--compare` sets both",
+    )
+    seeds: PositiveInt = Field(
+        1,
+        description="training seeds per method on `puma-ray run` (`--seeds N`): PUMA and each "
+        "baseline are trained N times on their kept set with training.seed + 0..N-1 (the "
+        "random baseline also draws its subset with pruning.seed + k), and the end table "
+        "reports mean and 95% interval over the seeds and the paired difference to full data; "
+        "the margin model, scores and PUMA's kept set are computed once",
     )
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray resources")
@@ -882,22 +1117,207 @@ def default_raw() -> dict[str, Any]:
     return PipelineConfig().model_dump(mode="json")
 
 
-def smoke_test_overrides() -> list[str]:
-    """`--smoke-test`: tiny data and one short epoch, so any config runs in a few minutes on 2
-    CPUs."""
-    return [
-        "data.sources=[{type: builtin, real_train: 512, real_test: 256, synthetic: 1024}]",
-        "data.rows_per_shard=512",
-        "margin_model.train.epochs=1",
-        "training.epochs=1",
-        "training.batch_size=64",
-        "margin_model.train.batch_size=64",
-        "scoring.max_iter=10",
-        "evaluation.subset=128",
-        "evaluation.pgd_steps=5",
-        "ray.num_workers=1",
-        "ray.num_cpus=2",
+# `--smoke-test`: a few minutes of this config on this machine, in its own run dir and
+# experiment. Rows at most per source (the test split is never pruned, so it stays small).
+SMOKE_ROWS = {"real_train": 512, "real_test": 256, "synthetic": 1024, "val": 128}
+SMOKE_SUFFIX = "-smoke"
+# the WideResNet family becomes a WRN-10-1 (the same blocks, activation and options); these
+# others the small CNN
+SMOKE_WRN = ("wrn28_10", "wrn34_10", "wrn70_16", "wide_resnet")
+SMOKE_CNN = ("preact_resnet18",)
+# the files torchvision reads under `root` (one per split), to tell offline whether they are there
+TORCHVISION_FILES = {
+    "cifar10": ("cifar-10-batches-py/data_batch_1", "cifar-10-batches-py/test_batch"),
+    "cifar100": ("cifar-100-python/train", "cifar-100-python/test"),
+    "svhn": ("train_32x32.mat", "test_32x32.mat"),
+}
+
+
+def local_resources() -> tuple[int, int]:
+    """(CPUs, GPUs) of this machine, without importing torch: the CPUs this process may run
+    on, and the NVIDIA GPUs the driver lists in /proc/driver/nvidia/gpus (none elsewhere),
+    narrowed by CUDA_VISIBLE_DEVICES."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cpus = os.cpu_count() or 1
+    try:
+        gpus = len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        gpus = 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        gpus = min(gpus, len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"]))
+    return cpus, gpus
+
+
+def _here(path: str, joined: bool) -> bool:
+    """Whether a source file can be read here: a local path that exists; a remote URI only when
+    joining a cluster (a smoke test on this machine is offline); a packaged checkpoint
+    (`puma_ray:<file>`) is always here."""
+    if path.startswith("puma_ray:"):
+        return True
+    if "://" in path and not path.startswith("file://"):
+        return joined
+    return os.path.exists(os.path.expanduser(path.removeprefix("file://")))
+
+
+def _full(model: type[BaseModel], raw: dict) -> dict | None:
+    """`raw` with its schema defaults filled in; None if invalid (validation reports it)."""
+    try:
+        return model.model_validate(raw).model_dump(mode="json")
+    except ValidationError:
+        return None
+
+
+def _smoke_sources(sources: list, joined: bool, notes: list[str]) -> list[str]:
+    """Each source capped to SMOKE_ROWS; one not here (a missing file, a remote URI offline,
+    torchvision files absent) replaced in its place by builtin rows of the same role (so the
+    indices stay), said in `notes`."""
+    kinds = {"builtin": BuiltinSource, "npz": NpzSource, "torchvision": TorchvisionSource}
+    cap, out, missing, more = SMOKE_ROWS, [], [], []
+    for i, given in enumerate(sources):
+        kind = given.get("type", "builtin") if isinstance(given, dict) else None
+        src = _full(kinds[kind], given) if kind in kinds else None
+        if src is None:
+            out.append(given)  # validation names the problem
+            continue
+        stand_in = {"type": "builtin", "real_train": 0, "real_test": 0, "synthetic": 0}
+        if kind == "builtin":
+            out.append({**src, **{k: min(src[k], cap[k]) for k in stand_in if k != "type"}})
+            continue
+        if kind == "npz":
+            role = {"test": "real_test", "val": "val"}.get(
+                src["split"], "real_train" if src["source"] == "real" else "synthetic"
+            )
+            if _here(src["path"], joined):
+                out.append({**src, "limit": min(src["limit"] or cap[role], cap[role])})
+                continue
+            why = "remote, not read offline" if "://" in src["path"] else "no such file"
+            missing.append(f"data.sources[{i}] (npz {src['path']}: {why})")
+            if role == "val":  # builtin rows have no val split: carve one from them
+                stand_in["real_train"] = cap["val"]
+                more.append("data.validation=0.1")
+            else:
+                stand_in[role] = cap[role]
+        else:
+            root = os.path.expanduser(src["root"])
+            files = TORCHVISION_FILES.get(src["name"], ())
+            if all(os.path.exists(os.path.join(root, f)) for f in files):
+                limits = {"limit_train": cap["real_train"], "limit_test": cap["real_test"]}
+                out.append({**src, **{k: min(src[k] or v, v) for k, v in limits.items()}})
+                continue
+            missing.append(f"data.sources[{i}] (torchvision {src['name']}: no files in {root})")
+            stand_in.update(real_train=cap["real_train"], real_test=cap["real_test"])
+        out.append({**stand_in, "id_offset": src["id_offset"]})
+    if missing:
+        notes.append(f"smoke test: builtin data stands in for {' and '.join(missing)}")
+    return [f"data.sources={json.dumps(out)}", *more]
+
+
+def _smoke_model(model: dict) -> dict:
+    arch, kwargs = model.get("arch"), dict(model.get("kwargs") or {})
+    if arch in SMOKE_WRN:
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("depth", "width")}
+        return {"arch": "wide_resnet", "kwargs": {**kwargs, "depth": 10, "width": 1}}
+    if arch in SMOKE_CNN:
+        keep = ("in_channels", "mean", "std")
+        return {"arch": "small_cnn", "kwargs": {k: v for k, v in kwargs.items() if k in keep}}
+    return model
+
+
+def _given_model_here(mm: dict, joined: bool, notes: list[str]) -> list[str]:
+    """A margin-model checkpoint or zoo weights not here: train a margin model instead."""
+    ckpt, zoo = mm.get("checkpoint"), mm.get("robustbench") or {}
+    if ckpt and not _here(ckpt, joined):
+        notes.append(f"smoke test: margin_model.checkpoint {ckpt} is not here; training one")
+        return ["margin_model.checkpoint=null"]
+    if zoo.get("name"):
+        weights = os.path.join(
+            zoo.get("model_dir", "models"),
+            zoo.get("dataset", "cifar10"),
+            zoo.get("threat_model", "Linf"),
+            f"{zoo['name']}.pt",
+        )
+        if not os.path.exists(os.path.expanduser(weights)):
+            notes.append(f"smoke test: {weights} is not here; training a margin model instead")
+            return ["margin_model.robustbench.name=null"]
+    return []
+
+
+def smoke_test_overrides(raw: dict[str, Any], notes: list[str] | None = None) -> list[str]:
+    """`--smoke-test`: the overrides that shrink the resolved config `raw` to a few minutes on
+    this machine: data (builtin sizes, npz `limit`, torchvision limits; offline, builtin data
+    stands in for sources that are not here, said in `notes`), model width (`SMOKE_WRN`,
+    `SMOKE_CNN`), one epoch, short attacks, and on a local instance the resources this machine
+    has (`local_resources`: no GPU without one, CPUs per worker and actor at most half of
+    them). Joining a cluster, the per-worker resources stay (the cluster has them) and only the
+    counts shrink. The run dir and experiment get their own names (`smoke_test_names`)."""
+    notes = [] if notes is None else notes
+    joined = bool((raw.get("ray") or {}).get("address") or os.environ.get("RAY_ADDRESS"))
+    data, ray_, sc = raw["data"], raw["ray"], raw["scoring"]
+    ev, sw = raw["evaluation"], raw["sweep"]
+    out = _smoke_sources(data["sources"], joined, notes)
+    out += _given_model_here(raw["margin_model"], joined, notes)
+    out.append("data.rows_per_shard=512")
+    if isinstance(data.get("validation"), int) and data["validation"] >= 1:
+        out.append(f"data.validation={min(data['validation'], 64)}")
+    out.append(f"model={json.dumps(_smoke_model(raw['model']))}")
+    out.append(f"margin_model.model={json.dumps(_smoke_model(raw['margin_model']['model']))}")
+    recipes = {"training": raw["training"], "margin_model.train": raw["margin_model"]["train"]}
+    for key, recipe in recipes.items():
+        out += [f"{key}.epochs=1", f"{key}.batch_size={min(recipe['batch_size'], 64)}"]
+        out.append(f"{key}.attack.steps={min(recipe['attack']['steps'], 2)}")
+        if recipe.get("samples_per_epoch"):
+            out.append(f"{key}.samples_per_epoch={min(recipe['samples_per_epoch'], 512)}")
+    out += [
+        f"scoring.max_iter={min(sc['max_iter'], 10)}",
+        f"scoring.batch_size={min(sc['batch_size'], 256)}",
+        "scoring.pool_min=1",
+        "scoring.pool_max=1",
+        f"evaluation.subset={min(ev['subset'] or 128, 128)}",
+        f"evaluation.chunk_rows={min(ev['chunk_rows'], 64)}",
+        f"evaluation.pgd_steps={min(ev['pgd_steps'], 5)}",
+        f"evaluation.epoch_subset={min(ev['epoch_subset'], 128)}",
+        f"evaluation.epoch_pgd_steps={min(ev['epoch_pgd_steps'], 5)}",
+        f"ray.num_workers={min(ray_['num_workers'], 1)}",
+        "sweep.max_concurrent_trials=1",
+        "sweep.num_samples=1",
+        "seeds=1",
     ]
+    if not joined:
+        cpus, gpus = local_resources()
+        cpus = max(2, cpus)  # 2 logical CPUs at least: a worker and Ray Data's reads
+        half = cpus / 2
+        out += [
+            f"ray.num_cpus={cpus}",
+            f"ray.cpus_per_worker={min(ray_['cpus_per_worker'], half):g}",
+            f"ray.use_gpu={'true' if ray_['use_gpu'] and gpus else 'false'}",
+            f"scoring.cpus_per_actor={min(sc['cpus_per_actor'], half):g}",
+            f"scoring.gpus_per_actor={min(sc['gpus_per_actor'], 1) if gpus else 0:g}",
+            f"sweep.trial_cpus={min(sw['trial_cpus'], half):g}",
+        ]
+    return out
+
+
+def smoke_test_names(raw: dict[str, Any]) -> list[str]:
+    """`<name>-smoke` and the experiment `<experiment>-smoke` (applied after --set, so a smoke
+    test never writes into the real run's directory or MLflow experiment)."""
+    name = raw.get("name") or "demo"
+    experiment = _experiment((raw.get("tracking") or {}).get("experiment"))
+    return [
+        f"name={name if name.endswith(SMOKE_SUFFIX) else name + SMOKE_SUFFIX}",
+        "tracking.experiment="
+        + json.dumps(
+            experiment if experiment.endswith(SMOKE_SUFFIX) else experiment + SMOKE_SUFFIX
+        ),
+    ]
+
+
+def smoke_run_dir(run_dir: str) -> str:
+    """`--run-dir X --smoke-test` writes to `X-smoke` (a path or a URI), never to X itself."""
+    base = run_dir.rstrip("/") or run_dir
+    return base if base.endswith(SMOKE_SUFFIX) else base + SMOKE_SUFFIX
 
 
 # The embedded demo (`puma-ray run` with no config; tune_configs/demo.yaml is its resolved form):
@@ -906,9 +1326,15 @@ def smoke_test_overrides() -> list[str]:
 DEMO_OVERRIDES = [
     # less pixel noise than the generator's default (0.12), so a small CNN learns the robust
     # shape feature in the few epochs the demo can afford
-    "data.sources=[{type: builtin, real_train: 1500, real_test: 1000, synthetic: 4500, "
+    "data.sources=[{type: builtin, real_train: 2000, real_test: 1000, synthetic: 4500, "
     "noise: 0.05}]",
+    # a quarter of the 2,000 real rows (~50 per class) is the validation split: ~6,000 train
+    "data.validation=0.25",
     "data.rows_per_shard=2000",
+    # the margin model ships with the package (a robust small CNN for exactly this data, made
+    # by scripts/train_demo_margin_model.py), as a paper-scale run takes a published robust
+    # model; `puma-ray run --train-margin-model` trains it instead (margin_model.train)
+    "margin_model.checkpoint=puma_ray:demo_margin_model.pt",
     "margin_model.train.epochs=8",
     "margin_model.train.attack.steps=3",
     "margin_model.train.attack.step_ratio=0.5",
@@ -926,6 +1352,7 @@ DEMO_OVERRIDES = [
     "scoring.pool_max=2",
     "scoring.cpus_per_actor=0.5",
     "evaluation.subset=500",
+    "evaluation.chunk_rows=250",  # two 1-thread evaluation tasks use both cores
     "evaluation.epoch_subset=200",
     "evaluation.epoch_pgd_steps=5",
     # two 1-thread DDP workers use both cores and leave a CPU slot for Ray Data's read tasks
@@ -935,21 +1362,38 @@ DEMO_OVERRIDES = [
 
 
 def load_config(
-    path: str | os.PathLike | None = None,
+    path: str | os.PathLike | PipelineConfig | None = None,
     overrides: list[str] | None = None,
     *,
     smoke_test: bool = False,
+    log=None,
 ) -> PipelineConfig:
-    """Read a YAML config (or, with no path, the embedded demo), apply overrides, validate.
-    A file's missing keys take the schema defaults (the full recipe), not the demo's sizes."""
-    # Start from the defaults so `--set data.sources.0.noise=0.2` finds the list it indexes.
-    raw = _merge(default_raw(), read_yaml(path) if path is not None else {})
-    source = os.fspath(path) if path is not None else "<default>"
-    # the demo, then smoke-test shrinking, then the user's --set values (which win)
-    first = DEMO_OVERRIDES if path is None else []
-    raw = apply_overrides(
-        raw, first + (smoke_test_overrides() if smoke_test else []) + (overrides or [])
-    )
+    """Read a YAML config (or, with no path, the embedded demo; or a PipelineConfig, to apply
+    overrides to it), apply overrides, validate. A file's missing keys take the schema defaults
+    (the full recipe), not the demo's sizes. `smoke_test` shrinks the result
+    (`smoke_test_overrides`; its notes go to `log`, default stderr)."""
+    if isinstance(path, PipelineConfig):
+        raw, source, first = path.model_dump(mode="json"), "<config>", []
+    else:
+        # Start from the defaults so `--set data.sources.0.noise=0.2` finds the list it indexes.
+        raw = _merge(default_raw(), read_yaml(path) if path is not None else {})
+        source = os.fspath(path) if path is not None else "<default>"
+        first = DEMO_OVERRIDES if path is None else []
+    # the demo, then the user's --set values (which win)
+    overrides = list(overrides or [])
+    raw = apply_overrides(raw, first + overrides)
+    if smoke_test:
+        # shrink what that resolved config asks for; the --set values still win, and then the
+        # smoke test's own run name and experiment always apply
+        raw = validate(raw, source).model_dump(mode="json")  # a bad value: its one line first
+        notes: list[str] = []
+        # (not those inside data.sources: the shrunk list was made from them, and a stand-in
+        # source has not the keys of the one it replaces)
+        again = [o for o in overrides if not o.split("=", 1)[0].strip().startswith("data.sources")]
+        raw = apply_overrides(raw, smoke_test_overrides(raw, notes) + again)
+        raw = apply_overrides(raw, smoke_test_names(raw))
+        for note in notes:
+            (log or (lambda m: print(m, file=sys.stderr, flush=True)))(note)
     return validate(raw, source)
 
 

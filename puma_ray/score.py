@@ -48,7 +48,11 @@ SCORE_SCHEMA = pa.schema(
         ("shard", pa.string()),
     ]
 )
-MARGIN_HIST_EDGES = np.concatenate([[0.0], np.geomspace(1e-5, 1e2, 701)])  # ~2.3% bins
+# ~2.3% wide bins from 1e-5 to 1e2, mirrored below 0 for signed margins (scoring.signed:
+# misclassified rows are negative); [-1e-5, 0) and [0, 1e-5) are the bins at zero, and margins
+# beyond +-1e2 count in the outermost bins.
+_POSITIVE_EDGES = np.geomspace(1e-5, 1e2, 701)
+MARGIN_HIST_EDGES = np.concatenate([-_POSITIVE_EDGES[::-1], [0.0], _POSITIVE_EDGES])
 
 
 class ScoringError(PumaRayError):
@@ -64,8 +68,12 @@ def embeddings_dir(run_dir: str) -> str:
 
 
 def margin_model_path(cfg: PipelineConfig, run_dir: str) -> str:
-    """The given checkpoint, else the one `puma-ray train --dataset full` wrote for this run."""
-    return cfg.margin_model.checkpoint or storage.join(run_dir, "margin_model", "model.pt")
+    """The margin model (`puma_ray.models.margin_model_source`): a RobustBench zoo reference
+    (weights checked), the given checkpoint, else the one `puma-ray train --dataset full` wrote
+    for this run. Actors load any of them with `load_checkpoint`."""
+    from puma_ray.models.zoo import margin_model_source
+
+    return margin_model_source(cfg, run_dir)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,8 +208,9 @@ class ScoreSummary:
             f"score: {self.rows} rows in {self.shards_total} shards -> {self.out_dir}",
             f"  scored now {self.rows_scored_now} rows ({self.shards_skipped} shards reused) "
             f"in {self.wall_s:.1f}s: {rate:.0f} rows/s, {self.device_s:.1f} device-s",
-            f"  misclassified by the margin model (margin 0): {self.misclassified}; "
-            f"not converged (margin is a lower bound): {self.not_converged}",
+            f"  misclassified by the margin model (margin 0, or negative if signed): "
+            f"{self.misclassified}; not converged (|margin| is a lower bound): "
+            f"{self.not_converged}",
             "  margin quantiles  " + "  ".join(f"{q:>7}" for q in ("p10", "p50", "p90", "max")),
         ]
         for source, qs in self.quantiles.items():
@@ -218,17 +227,27 @@ def _settings(cfg: PipelineConfig) -> dict:
         "candidates": s.candidates,
         "clip": s.clip,
         "target": s.target,
+        # Always recorded: a state written before the key existed (unsigned scores) has
+        # another fingerprint, so its scores are discarded, never mixed with signed ones.
+        "signed": s.signed,
     }
 
 
 def _check_inputs(cfg: PipelineConfig, run_dir: str):
     """Open the dataset and the margin model, and refuse mismatches before any work starts."""
     from puma_ray.data import dataset_dirs, open_dataset
-    from puma_ray.models import check_compatible, model_fingerprint, read_checkpoint_meta
+    from puma_ray.models import (
+        check_compatible,
+        is_zoo_ref,
+        model_fingerprint,
+        packaged,
+        read_checkpoint_meta,
+    )
 
     dataset = open_dataset(dataset_dirs(run_dir)[0])
     ckpt = margin_model_path(cfg, run_dir)
-    if not storage.exists(ckpt):
+    # a zoo model's file is checked where it is resolved, a packaged one's when it is read
+    if not is_zoo_ref(ckpt) and not storage.exists(packaged.resolve(ckpt)):
         raise CheckpointError(
             f"{ckpt}: margin model checkpoint not found (set margin_model.checkpoint, or run "
             "`puma-ray train --dataset full` first)"
@@ -413,6 +432,16 @@ def run_score(
         cfg = cfg.model_copy(deep=True)
         cfg.scoring.gpus_per_actor = 1.0
     dataset, ckpt, model_fp = _check_inputs(cfg, run_dir)
+    from puma_ray.runtime import check_feasible, score_request
+
+    # a pool the cluster can never start would wait forever
+    bundle, actors = score_request(cfg)
+    check_feasible(
+        bundle,
+        "score (scoring.pool_min actors)",
+        actors,
+        hint="lower scoring.cpus_per_actor, scoring.gpus_per_actor or scoring.pool_min",
+    )
     settings = _settings(cfg)
     state = {
         "margin_model": ckpt,
@@ -628,7 +657,8 @@ def _verify_and_summarise(out_dir: str, expected: dict[str, np.ndarray], kind: s
         not_converged += int((~table.column("converged").to_numpy(zero_copy_only=False)).sum())
         sources = table.column("source").to_numpy(zero_copy_only=False)
         for src in np.unique(sources):
-            counts, _ = np.histogram(margin[sources == src], MARGIN_HIST_EDGES)
+            inside = np.clip(margin[sources == src], MARGIN_HIST_EDGES[0], MARGIN_HIST_EDGES[-1])
+            counts, _ = np.histogram(inside, MARGIN_HIST_EDGES)
             hist[src] = hist.get(src, 0) + counts
     if kind != "margins":
         return {"seconds": 0.0}
@@ -645,6 +675,8 @@ def _verify_and_summarise(out_dir: str, expected: dict[str, np.ndarray], kind: s
 
 
 def _hist_quantiles(counts: np.ndarray) -> dict[str, float]:
+    """p10/p50/p90/max of a MARGIN_HIST_EDGES histogram: the upper edge of the bin holding
+    each quantile (negative margins included; a bin below 0 reports its edge nearer 0)."""
     cdf = np.cumsum(counts) / max(1, counts.sum())
     out = {}
     for name, q in (("p10", 0.1), ("p50", 0.5), ("p90", 0.9), ("max", 1.0)):

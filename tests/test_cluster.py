@@ -257,6 +257,10 @@ def test_paper_recipe(name):
         eps = Fraction(t.attack.epsilon).limit_denominator(255)
         assert (t.attack.norm, eps) in (("linf", Fraction(8, 255)), ("l2", Fraction(128, 255)))
     assert cfg.ray.use_gpu and cfg.scoring.gpus_per_actor == 1
+    # the published robust model of the same threat model ranks the samples
+    zoo = cfg.margin_model.robustbench
+    assert (zoo.name, zoo.download) == ("Wang2023Better_WRN-28-10", False)
+    assert zoo.threat_model == {"linf": "Linf", "l2": "L2"}[cfg.training.attack.norm]
 
 
 def _without(raw: dict, *paths: str) -> dict:
@@ -277,6 +281,7 @@ def test_variants_differ_from_base_only_where_intended():
     base, l2, sweep = (dump[n] for n in PAPER_CONFIGS)
     assert _without(sweep, "name", "sweep") == _without(base, "name", "sweep")
     threat = ("name", "tracking.experiment", "training.attack", "margin_model.train.attack")
+    threat += ("margin_model.robustbench.threat_model",)  # the zoo model of the threat model
     assert _without(l2, *threat) == _without(base, *threat)
     assert set(sweep["sweep"]["space"]) == {"pruning.ratio", "pruning.eps_scale"}
 
