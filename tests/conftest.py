@@ -73,6 +73,10 @@ for _name in list(os.environ):
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train's controller polls its workers every 2 s by default: start, first report and end
+# each wait for a poll, ~2-3 s of idle time per TorchTrainer fit, and the suite fits dozens
+# (measured: a trivial one-worker fit 12.4 -> 9.7 s). Faster polling changes no result.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 def _ray_running() -> bool:

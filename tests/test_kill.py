@@ -1,7 +1,8 @@
-"""SIGKILL `puma-ray run` at pseudo-random moments, rerun it to completion, and check that the
-result is the uninterrupted run's: the same kept set (ids and eps), the same report numbers, a
-pipeline.json whose every stage carries its current fingerprint, no temp file left behind and
-no MLflow metric logged twice at one step.
+"""SIGKILL `puma-ray run` at pseudo-random moments, several times over in the same run dir (each
+restart resuming the killed one's work, and killed in turn), rerun it to completion, and check
+that the result is the uninterrupted run's: the same kept set (ids and eps), the same report
+numbers, a pipeline.json whose every stage carries its current fingerprint, no temp file left
+behind and no MLflow metric logged twice at one step.
 
 Each `puma-ray run` is a real child process (`python -m puma_ray run`) that starts its own local
 Ray; a SIGKILL leaves that Ray's processes running, so every child runs in its own session and
@@ -200,6 +201,8 @@ def _check_consistent(run_dir: str) -> None:
 
 
 def test_sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    """One run dir, killed KILLS times in a row (each restart resumes what the killed one left,
+    and is itself killed), then run to the end: the uninterrupted run's outcome."""
     reference = str(tmp_path / "reference")
     duration = _run_to_end(reference, str(tmp_path / "reference.log"), timeout=1800)
     _check_consistent(reference)
@@ -207,16 +210,15 @@ def test_sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run(tmp_pa
     want = _numbers(reference)
 
     rng = random.Random(0)
-    delays = [rng.uniform(0.1, 0.9) * duration for _ in range(KILLS)]
+    run_dir, log_path = str(tmp_path / "killed"), str(tmp_path / "killed.log")
     killed = 0
-    for i, delay in enumerate(delays):
-        run_dir = str(tmp_path / f"killed{i}")
-        log_path = str(tmp_path / f"killed{i}.log")
-        killed += _run_and_kill(run_dir, log_path, delay)
-        _run_to_end(run_dir, log_path, timeout=max(600, 4 * duration))
-        ids, eps = _kept(run_dir)
-        np.testing.assert_array_equal(ids, want_ids)
-        np.testing.assert_array_equal(eps, want_eps)
-        assert _numbers(run_dir) == want, f"kill after {delay:.1f}s; see {log_path}"
-        _check_consistent(run_dir)
+    for _ in range(KILLS):
+        # each restart skips what is done, so later kills aim at the earlier part of a run
+        killed += _run_and_kill(run_dir, log_path, rng.uniform(0.15, 0.6) * duration)
+    _run_to_end(run_dir, log_path, timeout=max(600, 4 * duration))
+    ids, eps = _kept(run_dir)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(eps, want_eps)
+    assert _numbers(run_dir) == want, f"see {log_path}"
+    _check_consistent(run_dir)
     assert killed >= 2, f"only {killed} of {KILLS} runs were still going when killed"

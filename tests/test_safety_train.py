@@ -34,6 +34,7 @@ BASE = [
     "training.batch_size=32",
     "training.objective=standard",
     "training.attack.steps=2",
+    "margin_model.checkpoint=null",  # train one: the packaged model is the demo data's
     "margin_model.train.epochs=1",
     "margin_model.train.batch_size=32",
     "evaluation.subset=32",
