@@ -194,7 +194,10 @@ def _reuse(inputs) -> str:
 @pytest.fixture(scope="module")
 def grid_sweep(inputs, tmp_path_factory):
     run_dir = _fresh_run_dir(inputs, tmp_path_factory.mktemp("grid") / "run")
-    cfg = _cfg(GRID, "sweep.max_concurrent_trials=2", _reuse(inputs))
+    # in-process training in each trial: Tune fitting a TorchTrainer per trial (Ray 2.60's
+    # pattern) is what the ASHA and scrambled-label sweeps of test_sweep_failures.py run; here
+    # the grid, MLflow and the report are under test, ~40 s cheaper without four Train starts
+    cfg = _cfg(GRID, "sweep.max_concurrent_trials=2", "ray.num_workers=0", _reuse(inputs))
     result = run_sweep(cfg, run_dir, log=_quiet)
     return run_dir, result
 
@@ -232,8 +235,6 @@ def test_grid_sweep_completes(grid_sweep):
         m = res["metrics"]
         assert 0 <= m["test/robust_acc"] <= m["test/clean_acc"] <= 1 and m["device_seconds"] > 0
         assert 0 <= m["val/robust_acc"] <= m["val/clean_acc"] <= 1  # what "best" is chosen on
-        # each trial ran its own Ray Train run, named after the trial
-        assert os.path.isdir(os.path.join(result.sweep_dir, "ray_train", trial))
     rows = {
         (r.values["pruning.ratio"], r.values["pruning.eps_scale"]): r for r in result.report.rows
     }

@@ -440,6 +440,9 @@ def test_scrambled_test_labels_change_no_training_time_decision(ray_local, data_
     clean, scrambled = (_decisions(d, r) for d, r in results.items())
     assert clean == scrambled
     assert set(clean["trials"]) == {"ratio=0.5", "ratio=0"}  # ratio 0 is the unpruned point
+    # each trial fit a TorchTrainer of its own, its Ray Train run named after the trial
+    for trial in results[clean_dir].trials:
+        assert os.path.isdir(os.path.join(results[clean_dir].sweep_dir, "ray_train", trial))
     assert all(t["val_curve"] for t in clean["trials"].values())
 
     def test_acc(run_dir):
