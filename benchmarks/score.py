@@ -91,7 +91,8 @@ def main(argv=None) -> int:
 
     os.makedirs(args.out_dir, exist_ok=True)
     ckpt = margin_model(os.path.join(args.out_dir, "margin_model.pt"))
-    settings = {"norm": "l2", "overshoot": 0.02, "max_iter": args.max_iter}
+    # as run_score computes them (scoring.signed defaults to true: misclassified rows walk back)
+    settings = {"norm": "l2", "overshoot": 0.02, "max_iter": args.max_iter, "signed": True}
     results = []
     ray.init(
         address="local",

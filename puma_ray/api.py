@@ -25,7 +25,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from puma_ray import logs
-from puma_ray.config import PipelineConfig, load_config, smoke_run_dir
+from puma_ray.config import PipelineConfig, load_config
+from puma_ray.smoke import smoke_run_dir
 
 DEFAULT_RUNS = "runs"
 Config = str | os.PathLike | PipelineConfig | None

@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from puma_ray.config import PipelineConfig, dump_yaml, load_config, schema_markdown
+from puma_ray.config import PipelineConfig, dump_yaml, load_config
+from puma_ray.config_reference import schema_markdown
 from puma_ray.errors import ConfigError, PumaRayError
 
 # `run --force STAGE`: the stages of puma_ray.pipeline (STAGES, then one per baseline), named
@@ -257,6 +258,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.overrides = ["margin_model.checkpoint=null", *args.overrides]
     cfg = _config(args)
     run_dir = _run_dir(args, cfg)
+    if args.dry_run:
+        from puma_ray.dry_run import plan_run
+
+        _say(plan_run(cfg, run_dir, tuple(args.force_stage)).format())
+        return 0
     from puma_ray.pipeline import run_pipeline
 
     # the pipeline ends with its summary: stage times, counts, accuracy, MLflow location
@@ -267,6 +273,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = _config(args)
     run_dir = _run_dir(args, cfg)
+    if args.dry_run:
+        from puma_ray.dry_run import plan_sweep_run
+
+        _say(plan_sweep_run(cfg, run_dir))
+        return 0
     from puma_ray.locking import run_dir_lock
     from puma_ray.sweep import run_sweep
 
@@ -504,6 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "the same recipe and print them beside PUMA (config: compare: [random, full])",
             )
             p.add_argument(
+                "--dry-run",
+                action="store_true",
+                help="print what the run would do, stage by stage (run or skip, and which "
+                "config keys or input files changed), and whether each stage's resources "
+                "exist; runs, writes and locks nothing",
+            )
+            p.add_argument(
                 "--train-margin-model",
                 action="store_true",
                 help="train the margin model (margin_model.train) instead of scoring with a "
@@ -522,6 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
                 help="where the kept set goes (default: <run_dir>/kept; one per sweep trial)",
             )
         if name == "sweep":
+            p.add_argument(
+                "--dry-run",
+                action="store_true",
+                help="print the trials, the shared input stages (run or skip, and why) and what "
+                "a trial asks for; runs, writes and locks nothing",
+            )
             p.add_argument(
                 "--tracking-uri",
                 help="MLflow store (default: tracking.tracking_uri, else MLFLOW_TRACKING_URI, "

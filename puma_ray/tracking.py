@@ -229,6 +229,25 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
+def run_page(tracking_uri: str, run_id: str) -> tuple[str, str]:
+    """(the command that serves the store, the URL of the run's page in the MLflow UI). The UI
+    opens an experiment on its overview, which for classic runs may show nothing; the run page
+    (`#/experiments/<id>/runs/<run id>`) shows the run, its children and its metrics. A server
+    store is its own UI; a local store is served by `mlflow ui` on 127.0.0.1:5000."""
+    uri = redact(tracking_uri)
+    experiment = "0"
+    try:
+        from mlflow.tracking import MlflowClient
+
+        experiment = MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.experiment_id
+    except Exception:  # tracking must never fail the caller
+        pass
+    if uri.startswith(("http://", "https://")):
+        return "", f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    command = f"mlflow ui --backend-store-uri {uri}"
+    return command, f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}"
+
+
 def sqlite_path(uri: str) -> str | None:
     """The database file of a sqlite URI (None for other stores)."""
     prefix = "sqlite:///"

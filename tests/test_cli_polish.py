@@ -20,8 +20,8 @@ from puma_ray.config import (
     SearchDim,
     _merge,
     load_config,
-    schema_markdown,
 )
+from puma_ray.config_reference import schema_markdown
 from puma_ray.errors import ConfigError
 from puma_ray.sweep import plan_sweep
 

@@ -23,7 +23,7 @@ import uuid
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from tiny_pipeline import TINY
+from tiny_pipeline import TINY_STAGES
 
 from puma_ray.config import load_config
 from puma_ray.pipeline import STAGES, input_stamps, stage_fingerprints
@@ -38,7 +38,7 @@ pytestmark = [
 
 SETS = [
     "name=kill",
-    *TINY,
+    *TINY_STAGES,  # the demo's packaged margin model: kills land in scoring, pruning, training
     "training.epochs=2",  # a kill between the epochs resumes from the first one's checkpoint
     # one stream (the data's own mix): with real:synthetic batches the two endless streams'
     # positions are not in the checkpoint, so a resumed epoch draws other rows than an

@@ -125,6 +125,12 @@ def test_every_stage_leaves_its_artifacts(first_run):
     summary = "\n".join(logs[-30:])
     assert f"kept / pruned    {n_kept} / {n_pruned}" in summary
     assert f"mlflow ui --backend-store-uri {result.tracking_uri}" in summary
+    # the parent run's own page (the UI opens an experiment on an overview that may be empty)
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id).info.experiment_id
+    page = f"http://127.0.0.1:5000/#/experiments/{exp}/runs/{result.mlflow_run_id}"
+    assert f"the run's page   {page}" in summary
     assert f"| puma | {n_kept} |" in summary and "| full | 256 |" in summary
 
 
@@ -257,7 +263,7 @@ def test_file_uri_run_dir_goes_through_pyarrow(tmp_path, ray_local, monkeypatch)
     cfg = load_config(
         None,
         [
-            *TINY,
+            *tiny_pipeline.TINY_STAGES,  # the packaged margin model: one Ray Train run
             "name=uri",
             "ray.num_workers=1",
             "ray.cpus_per_worker=1",
@@ -270,7 +276,6 @@ def test_file_uri_run_dir_goes_through_pyarrow(tmp_path, ray_local, monkeypatch)
         "data/train/dataset.json",
         "scores/manifest.json",
         "kept/manifest.json",
-        "margin_model/model.pt",
         "train/model.pt",
         "evaluate/summary.json",
         "pipeline.json",
@@ -280,7 +285,7 @@ def test_file_uri_run_dir_goes_through_pyarrow(tmp_path, ray_local, monkeypatch)
         assert (local / path).is_file(), path
     # Ray Train (1 worker) checkpointed into <run dir>/ray_train through the same URI
     runs = {p.name.split("-")[0] for p in (local / "ray_train").iterdir()}
-    assert runs == {"margin_model", "train"}
+    assert runs == {"train"}
     assert list((local / "ray_train").glob("train-*/checkpoint_*/state.pt"))
     assert sorted(os.listdir(tmp_path)) == ["uri_run"]
     assert result.tracking_uri == f"sqlite:///{local}/mlflow.db"
@@ -347,3 +352,45 @@ def test_the_same_seed_reproduces_the_run_and_another_seed_does_not(first_run, t
     same = _same(_outcome(other), want)
     # (the evaluation's four numbers on 32 rows could tie by chance; the rest cannot)
     assert not (same["margins"] or same["kept"] or same["eps"] or same["weights"]), same
+
+
+def _files(run_dir):
+    return {
+        os.path.join(root, name): os.stat(os.path.join(root, name)).st_mtime_ns
+        for root, _dirs, names in os.walk(run_dir)
+        for name in names
+        if "logs" not in root.split(os.sep)
+    }
+
+
+def test_dry_run_names_the_changed_key_and_touches_nothing(first_run, capsys):
+    """One config section changed (pruning.ratio) against a finished run dir: the plan skips
+    what is up to date, reruns prune and what reads it, says why, and writes nothing."""
+    tmp, run_dir, _cfg_, _result, _logs = first_run
+    before = _files(run_dir)
+    sets = [*TINY, f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db", "compare=[random, full]"]
+    sets.append("pruning.ratio=0.5")
+    argv = ["run", "--dry-run", "--run-dir", run_dir, *[a for s in sets for a in ("--set", s)]]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    plan = {
+        line.split()[0]: line.split(None, 2)[1:]
+        for line in out.splitlines()
+        if line.startswith("  ") and line.split()[0] in STAGES + BASELINE_STAGES
+    }
+    assert {s: p[0] for s, p in plan.items()} == {
+        "ingest": "skip",
+        "margin_model": "skip",
+        "score": "skip",
+        "prune": "run",
+        "train": "run",
+        "evaluate": "run",
+        "baseline_random": "run",
+        "baseline_full": "skip",
+    }
+    assert plan["prune"][1] == "pruning.ratio: 0.25 -> 0.5"
+    assert plan["baseline_random"][1] == "pruning.ratio: 0.25 -> 0.5"
+    assert plan["train"][1] == "reads prune's new output"
+    assert plan["ingest"][1] == "up to date"
+    assert "train: 1 x {CPU: 1}: fits" in out or "train: " in out  # the resources section
+    assert _files(run_dir) == before  # nothing written, nothing run

@@ -15,13 +15,13 @@ import subprocess
 import sys
 
 import pytest
-from tiny_pipeline import TINY
+from tiny_pipeline import TINY_STAGES
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.own_cluster, pytest.mark.timeout(1800)]
 
 SETS = [
     "name=quiet",
-    *TINY,
+    *TINY_STAGES,  # the packaged margin model: one Ray Train run (train) is enough here
     "ray.num_workers=1",  # Ray Train workers: their forwarded output is what is filtered
     "ray.num_cpus=4",  # as the tests' shared Ray: overcommit the 2 cores, no stalls
     "ray.object_store_memory=536870912",

@@ -11,8 +11,9 @@ import yaml
 
 from puma_ray import cli
 from puma_ray.cli import build_parser, main
-from puma_ray.config import SMOKE_ROWS, load_config, local_resources
+from puma_ray.config import load_config
 from puma_ray.errors import ConfigError
+from puma_ray.smoke import SMOKE_ROWS, local_resources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EDM = os.path.join(ROOT, "tune_configs", "cifar10_edm1m.yaml")

@@ -27,7 +27,7 @@ from puma_ray.sweep.trial import (
     _trial_tags,
     _write_json,
 )
-from puma_ray.tracking import redact
+from puma_ray.tracking import run_page
 
 TUNE_NAME = "tune"
 STATE_FILE = "sweep.json"
@@ -72,8 +72,10 @@ class SweepResult:
             lines.append(
                 f"  MLflow        experiment {self.experiment!r}, sweep run {self.parent_run_id}"
             )
-            uri = redact(self.tracking_uri)
-            lines.append(f"  open it with  mlflow ui --backend-store-uri {uri}")
+            command, url = run_page(self.tracking_uri, self.parent_run_id)
+            if command:
+                lines.append(f"  open it with  {command}")
+            lines.append(f"  sweep's page  {url}")
         if not self.complete:
             lines.append(
                 "  rerun the same command to finish the failed or interrupted trials "
