@@ -335,6 +335,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from puma_ray.tracking import sqlite_path
 
     src = report_source(args)
+    if args.pipeline:
+        from puma_ray.report import load_pipeline_report
+
+        _say(load_pipeline_report(src.tracking_uri, src.experiment, parent_run_id=args.run_id))
+        return 0
     report = load_report(src.tracking_uri, src.experiment, parent_run_id=args.run_id)
     # default: beside a sqlite store (the run dir, which is git-ignored), else ./reports
     db = sqlite_path(src.tracking_uri)
@@ -394,6 +399,7 @@ EXAMPLES = {
   puma-ray sweep --smoke-test --set 'sweep.space.pruning.ratio={grid: [0.2, 0.5]}'""",
     "report": """\
   puma-ray report tune_configs/sweep_demo.yaml     # runs/sweep_demo, experiment sweep-demo
+  puma-ray report --pipeline                       # the demo's `run --seeds N --compare` table
   puma-ray report tune_configs/sweep_demo.yaml --run-dir runs/demo --out /tmp/report
   puma-ray report --experiment sweep-demo --tracking-uri http://127.0.0.1:5000""",
     "config": """\
@@ -426,6 +432,12 @@ def _report_args(p: argparse.ArgumentParser) -> None:
         "else the sqlite store of the run dir)",
     )
     p.add_argument("--run-id", help="the sweep's parent run (default: the latest sweep)")
+    p.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="print the comparison table of the latest `puma-ray run` instead (per method: "
+        "mean over its seeds, 95%% interval, paired difference to full data)",
+    )
     p.add_argument(
         "--out",
         help="folder for results.md/.csv and plots/ "

@@ -174,7 +174,7 @@ def _log_parent(run, cfg: PipelineConfig, run_dir: str, result: PipelineResult, 
             "pipeline.json": storage.read_bytes(storage.join(run_dir, "pipeline.json")).decode(),
         }
         if report is not None:
-            files["report.md"] = report.table() + "\n"
+            files["report.md"] = report.table() + "\n\n" + report.interval_note() + "\n"
             files["report.json"] = json.dumps(report.to_dict(), indent=1)
         kept = storage.join(run_dir, "kept", "manifest.json")
         if storage.exists(kept):
@@ -199,6 +199,29 @@ def _sweep_stale_tmp(run_dir: str, seeds: int, log) -> None:
             removed += outputs.remove_stale_tmp(uri)
     if removed:
         log(f"run: removed {len(removed)} temp file(s) an interrupted run left in {run_dir}")
+
+
+def _check_resources(cfg: PipelineConfig, to_run: list[str]) -> None:
+    """Before any stage runs: every Ray stage that will run asks for what the cluster can ever
+    hold (else one line naming the request and what exists), so a run does not do an hour of
+    scoring and then wait forever for training workers. An evaluation chunk holds one
+    training worker's share (`ray.cpus_per_worker`, one GPU with use_gpu)."""
+    from puma_ray import runtime
+
+    requests = runtime.stage_requests(cfg)
+    hint = "lower ray.num_workers / ray.cpus_per_worker / scoring.* or set ray.use_gpu false"
+    for stage in to_run:
+        base = split_seed(stage)[0]
+        key = "train" if base.startswith("baseline_") else base
+        if key == "margin_model" and cfg.margin_model.given:
+            continue
+        if key in requests:
+            bundle, count = requests[key]
+            runtime.check_feasible(bundle, f"[{stage}]", count, hint=hint)
+        if key == "evaluate" or base.startswith("baseline_"):
+            gpus = 1.0 if cfg.ray.use_gpu else 0.0
+            bundle = {"CPU": cfg.ray.cpus_per_worker, "GPU": gpus}
+            runtime.check_feasible(bundle, f"[{stage}] evaluation chunk", 1, hint=hint)
 
 
 def run_pipeline(
@@ -235,6 +258,7 @@ def _run_locked(cfg, run_dir, stages, forced: set[str], log) -> PipelineResult:
     fps = stage_fingerprints(cfg, stamps)
     ensure_ray(cfg.ray)
     state = PipelineState(run_dir)
+    _check_resources(cfg, [s for s in stages if s in forced or not state.is_current(s, fps[s])])
     result = PipelineResult(run_dir=run_dir)
     parent = _parent_run(cfg, run_dir, state, _hash([fps[s] for s in stages]), log)
     pid = parent.run_id if parent is not None else None

@@ -383,6 +383,48 @@ def load_report(
     return report
 
 
+def load_pipeline_report(
+    tracking_uri: str, experiment: str, *, parent_run_id: str | None = None
+) -> str:
+    """The comparison table `puma-ray run` logged on its parent run (`pipeline/report.md`: per
+    method the test accuracies over its seeds with 95% intervals and the paired difference to
+    full data) of `experiment` (the latest pipeline run, or `parent_run_id`), with a header."""
+    import tempfile
+
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ReportError(f"no experiment {experiment!r} in {redact(tracking_uri)}")
+    if parent_run_id:
+        run = client.get_run(parent_run_id)
+    else:
+        found = client.search_runs(
+            [exp.experiment_id],
+            filter_string="tags.`puma_ray.stage` = 'pipeline'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if not found:
+            raise ReportError(
+                f"experiment {exp.name!r} in {redact(tracking_uri)} has no `puma-ray run` "
+                "(pipeline) run"
+            )
+        run = found[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run.info.run_id, "pipeline/report.md", tmp)
+        except Exception:
+            raise ReportError(
+                f"run {run.info.run_id} has no pipeline/report.md (it did not finish)"
+            ) from None
+        with open(path) as f:
+            table = f.read().rstrip()
+    head = (
+        f"run {run.info.run_name or run.info.run_id} ({run.info.run_id}) in experiment {exp.name!r}"
+    )
+    return f"{head}\n\n{table}"
+
+
 def _metric(logged: str | None) -> str:
     """The sweep's `sweep.metric`; sweeps logged before the validation split chose on the test
     robust accuracy, which the report no longer ranks by: their rows rank by val/robust_acc

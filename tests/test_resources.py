@@ -107,3 +107,24 @@ def test_train_with_gpus_on_this_machine_stops_before_anything_hangs(ray_local, 
         "{CPU: 1, GPU: 1}, which this Ray cluster can never provide"
     )
     assert not (tmp_path / "run" / "margin_model" / "model.pt").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_run_checks_every_stage_before_the_first_one_runs(ray_local, tmp_path, capsys):
+    """`puma-ray run --use-gpu` on a machine without GPUs: refused before ingest writes a row
+    (scoring asks for a GPU per actor, training for one per worker)."""
+    sets = [
+        "data.sources=[{type: builtin, real_train: 48, real_test: 16, synthetic: 48}]",
+        "data.validation=8",
+        "ray.num_workers=1",
+        "ray.cpus_per_worker=1",
+        "tracking.tracking_uri=none",
+    ]
+    run_dir = tmp_path / "run"
+    argv = ["run", "--use-gpu", "--run-dir", str(run_dir), *[x for s in sets for x in ("--set", s)]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "which this Ray cluster can never provide" in err[0], err
+    assert err[0].startswith("puma-ray run: error: [score]"), err
+    assert not (run_dir / "data").exists()

@@ -140,12 +140,7 @@ def fetch_weights(ref: str, *, download: bool = False) -> str:
         )
     _zoo_entry(p)
     try:
-        _robustbench().load_model(
-            model_name=p["name"],
-            model_dir=p["model_dir"],
-            dataset=p["dataset"],
-            threat_model=p["threat_model"],
-        )
+        _load_model(p)
     except Exception as e:
         raise CheckpointError(
             f"{p['path']}: could not download the weights of {where} ({_first_line(e)})"
@@ -201,12 +196,7 @@ def load_zoo_model(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            net = _robustbench().load_model(
-                model_name=p["name"],
-                model_dir=p["model_dir"],
-                dataset=p["dataset"],
-                threat_model=p["threat_model"],
-            )
+            net = _load_model(p)
     except Exception as e:
         raise CheckpointError(
             f"{p['path']}: robustbench cannot load it as {p['name']} ({_first_line(e)})"
@@ -215,6 +205,17 @@ def load_zoo_model(
     if map_location is not None:
         model.to(map_location)
     return model.eval(), meta
+
+
+def _load_model(p: dict) -> nn.Module:
+    """robustbench's own loader for the parsed reference `p` (downloads only if the file is
+    missing; the callers decide whether that may happen)."""
+    return _robustbench().load_model(
+        model_name=p["name"],
+        model_dir=p["model_dir"],
+        dataset=p["dataset"],
+        threat_model=p["threat_model"],
+    )
 
 
 def build_zoo_architecture(name: str, dataset: str = "cifar10", threat_model: str = "Linf"):
