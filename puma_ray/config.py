@@ -382,6 +382,17 @@ class TrainingConfig(Strict):
         description="seeds the initial weights, the batch order, the augmentation and the PGD "
         "starts of training and of its per-epoch check",
     )
+    init_from: str | None = Field(
+        None,
+        description="fine-tune: start from these weights instead of a random init. A puma_ray "
+        "model.pt (local path, URI or `puma_ray:<file>`) of `model`'s arch and kwargs, or a "
+        "RobustBench zoo model as `puma-ray evaluate` names one: `robustbench:NAME` (dataset, "
+        "threat model, model_dir and download from `margin_model.robustbench`) or "
+        "`robustbench:PATH.pt`; a zoo model is itself the network trained (`model` is not "
+        "used). Its classes and image shape must be the dataset's; a resumed run continues from "
+        "its checkpoint instead; its content is part of the training's fingerprint. null: "
+        "random init. Not for margin_model.train (docs/training.md)",
+    )
     deterministic: bool = Field(
         False,
         description="GPU runs: make every kernel deterministic (torch.use_deterministic_"
@@ -458,6 +469,15 @@ class MarginModelConfig(Strict):
             raise ValueError(
                 "set checkpoint or robustbench.name, not both (both name the model to score "
                 "with; the demo sets checkpoint: add --set margin_model.checkpoint=null)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _margin_model_from_scratch(self):
+        if self.train.init_from is not None:
+            raise ValueError(
+                "train.init_from: the margin model is trained from a random init; to score "
+                "with given weights set margin_model.checkpoint or margin_model.robustbench.name"
             )
         return self
 

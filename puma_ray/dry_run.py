@@ -35,7 +35,11 @@ SECTIONS = {
     ),
     "baseline_full": ("model", "training", "seed", "evaluation"),
 }
-_FILES = {"ingest": "data", "margin_model": "margin_checkpoint"}
+_FILES = {
+    "ingest": "data",
+    "margin_model": "margin_checkpoint",
+    **{stage: "init_from" for stage in ("train", "baseline_random", "baseline_full")},
+}
 
 
 def _flat(value: Any, prefix: str, out: dict[str, Any]) -> None:

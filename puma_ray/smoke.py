@@ -155,6 +155,9 @@ def smoke_test_overrides(raw: dict[str, Any], notes: list[str] | None = None) ->
     ev, sw = raw["evaluation"], raw["sweep"]
     out = _smoke_sources(data["sources"], joined, notes)
     out += _given_model_here(raw["margin_model"], joined, notes)
+    if raw["training"].get("init_from"):  # its weights do not fit the shrunk model
+        notes.append("smoke test: training.init_from is not used; training from a random init")
+        out.append("training.init_from=null")
     out.append("data.rows_per_shard=512")
     if isinstance(data.get("validation"), int) and data["validation"] >= 1:
         out.append(f"data.validation={min(data['validation'], 64)}")

@@ -70,10 +70,17 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def recipe_dump(training: dict[str, Any]) -> dict[str, Any]:
+    """A dumped training section as fingerprints take it: without `init_from` when it is unset,
+    so a recipe keeps the fingerprint it had before the key existed."""
+    return {k: v for k, v in training.items() if not (k == "init_from" and v is None)}
+
+
 def input_stamps(cfg: PipelineConfig, run_dir: str, *, cache: bool = True) -> dict[str, Any]:
     """Content hashes of the files outside the run dir that stages read: npz and torchvision
     sources, `margin_model.checkpoint` or the RobustBench weights (fetched first when
-    `download` is set; missing: a one-line error before any stage runs). sha256, cached in the
+    `download` is set; missing: a one-line error before any stage runs), and the initial
+    weights of `training.init_from` (`model_fingerprint`, not cached). sha256, cached in the
     run dir by file stat (size, mtime, ctime, inode), so a large source is read again only when
     it changed (`cache=False`: hashed, nothing written)."""
     from puma_ray.ingest import source_stamps
@@ -86,6 +93,10 @@ def input_stamps(cfg: PipelineConfig, run_dir: str, *, cache: bool = True) -> di
         from puma_ray.models.zoo import margin_model_stamp
 
         out["margin_checkpoint"] = margin_model_stamp(cfg, run_dir if cache else None)
+    if cfg.training.init_from is not None:
+        from puma_ray.train.init import init_stamp
+
+        out["init_from"] = init_stamp(cfg)
     return out
 
 
@@ -107,7 +118,7 @@ def stage_fingerprints(cfg: PipelineConfig, inputs: dict[str, Any] | None = None
         # where the weights are staged (model_dir) and `download` do not change the model
         else {"robustbench": {k: zoo[k] for k in ("name", "dataset", "threat_model")}}
         if zoo["name"]
-        else {"model": d["margin_model"]["model"], "train": d["margin_model"]["train"]}
+        else {"model": d["margin_model"]["model"], "train": recipe_dump(d["margin_model"]["train"])}
     )
     if "margin_checkpoint" in inputs:
         margin_inputs["sha256"] = inputs["margin_checkpoint"]
@@ -118,7 +129,9 @@ def stage_fingerprints(cfg: PipelineConfig, inputs: dict[str, Any] | None = None
         # seed k's stages: the first keeps the fingerprints it had before `seeds` existed
         dk = d if k == 0 else seeded_config(cfg, k).model_dump(mode="json")
         sfx = seed_suffix(k)
-        recipe = [dk["model"], dk["training"], dk["seed"]]
+        recipe = [dk["model"], recipe_dump(dk["training"]), dk["seed"]]
+        if "init_from" in inputs:  # the initial weights' content (training.init_from)
+            recipe.append({"init_from": inputs["init_from"]})
         fp[f"train{sfx}"] = _hash([fp["prune"], *recipe])
         fp[f"evaluate{sfx}"] = _hash([fp[f"train{sfx}"], dk["evaluation"]])
         # The baselines read neither scores nor the PUMA kept set: only the data, the recipe

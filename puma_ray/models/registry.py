@@ -46,12 +46,29 @@ def _factory(name: str):
     return _MODELS[name]
 
 
+def model_defaults(name: str) -> dict:
+    """The options of a registered model with their defaults filled in."""
+    params = inspect.signature(_factory(name)).parameters
+    return {
+        p: v.default for p, v in params.items() if p != "num_classes" and v.default is not v.empty
+    }
+
+
 def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     """Build the model registered as `name` for `num_classes` classes, in train mode.
 
     The model takes NCHW pixels in [0, 1] and records `arch`, `num_classes` and `model_kwargs`
-    (the options as given) so `save_checkpoint` can rebuild it later.
+    (the options as given) so `save_checkpoint` can rebuild it later. A RobustBench zoo arch,
+    `robustbench:<name>` (options `dataset`, `threat_model`), is built by robustbench's registry
+    with fresh weights (`zoo.build_zoo_classifier`): how a fine-tuned zoo model is rebuilt.
     """
+    from puma_ray.models.zoo import build_zoo_classifier, is_zoo_arch
+
+    if is_zoo_arch(name):
+        unknown = sorted(set(kwargs) - {"dataset", "threat_model"})
+        if unknown:
+            raise ConfigError(f"model {name!r} has no option {unknown[0]!r}")
+        return build_zoo_classifier(name, num_classes, **kwargs).train()
     factory = _factory(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(

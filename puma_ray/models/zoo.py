@@ -45,6 +45,12 @@ def is_zoo_ref(ref: Any) -> bool:
     return isinstance(ref, str) and ref.startswith(PREFIX)
 
 
+def is_zoo_arch(arch: Any) -> bool:
+    """True for the arch a zoo model records, `robustbench:<name>` (no path: `build_zoo_classifier`
+    builds it from robustbench's registry)."""
+    return is_zoo_ref(arch) and "/" not in arch and not arch.endswith(".pt")
+
+
 def weights_path(name: str, dataset: str, threat_model: str, model_dir: str) -> str:
     """Where robustbench's loader looks: `<model_dir>/<dataset>/<threat_model>/<name>.pt`,
     absolute (relative model_dir: from this process's working directory)."""
@@ -170,7 +176,7 @@ def zoo_meta(ref: str) -> dict:
         "format": "robustbench",
         "arch": f"robustbench:{p['name']}",
         "num_classes": NUM_CLASSES[p["dataset"]],
-        "kwargs": {},
+        "kwargs": {k: p[k] for k in ("dataset", "threat_model")},
         "image_shape": list(IMAGE_SHAPE[p["dataset"]]),
         "extra": {k: p[k] for k in ("name", "dataset", "threat_model")},
     }
@@ -201,7 +207,9 @@ def load_zoo_model(
         raise CheckpointError(
             f"{p['path']}: robustbench cannot load it as {p['name']} ({_first_line(e)})"
         ) from e
-    model = RobustBenchClassifier(net, p["name"], NUM_CLASSES[p["dataset"]])
+    model = RobustBenchClassifier(
+        net, p["name"], NUM_CLASSES[p["dataset"]], p["dataset"], p["threat_model"]
+    )
     if map_location is not None:
         model.to(map_location)
     return model.eval(), meta
@@ -226,16 +234,41 @@ def build_zoo_architecture(name: str, dataset: str = "cifar10", threat_model: st
         return entry["model"]()
 
 
+def build_zoo_classifier(
+    arch: str, num_classes: int, dataset: str = "cifar10", threat_model: str = "Linf"
+) -> nn.Module:
+    """The zoo model of arch `robustbench:<name>` with fresh (random) weights, no file read:
+    what `create_model` builds to rebuild a checkpoint of a fine-tuned zoo model."""
+    if NUM_CLASSES.get(dataset) != num_classes:
+        raise ConfigError(
+            f"{arch}: a {dataset} zoo model has {NUM_CLASSES.get(dataset)} classes, "
+            f"not {num_classes}"
+        )
+    name = arch[len(PREFIX) :]
+    net = build_zoo_architecture(name, dataset, threat_model)
+    return RobustBenchClassifier(net, name, num_classes, dataset, threat_model)
+
+
 class RobustBenchClassifier(nn.Module):
     """A zoo network behind the interface scoring expects: `forward` is the network (pixels in
     [0, 1], its own normalisation inside), `forward_features` the input of its last linear layer
-    (the embedding for k-NN score extrapolation)."""
+    (the embedding for k-NN score extrapolation). `arch` and `model_kwargs` (dataset, threat
+    model) are what `save_checkpoint` records, so a fine-tuned zoo model is rebuilt by
+    `create_model` (`build_zoo_classifier`)."""
 
-    def __init__(self, net: nn.Module, name: str, num_classes: int):
+    def __init__(
+        self,
+        net: nn.Module,
+        name: str,
+        num_classes: int,
+        dataset: str = "cifar10",
+        threat_model: str = "Linf",
+    ):
         super().__init__()
         self.net = net
         self.arch = f"robustbench:{name}"
         self.num_classes = num_classes
+        self.model_kwargs = {"dataset": dataset, "threat_model": threat_model}
         self.in_channels = 3
         linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
         self._head = linears[-1] if linears else None

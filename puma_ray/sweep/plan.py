@@ -12,6 +12,7 @@ from typing import Any
 
 from puma_ray.config import PipelineConfig, SearchDim
 from puma_ray.errors import ConfigError, PumaRayError
+from puma_ray.stages import recipe_dump
 
 # the auto-added reference: every sample kept, every sample at the full training epsilon
 BASELINE_VALUES = {"pruning.strategy": "none", "pruning.ratio": 0.0, "pruning.eps_rule": "none"}
@@ -147,6 +148,8 @@ def sweep_fingerprint(cfg: PipelineConfig) -> str:
     """What the sweep's results depend on: the config without resources and tracking, so a
     restore may change ray.* or concurrency but a changed search space starts a new sweep."""
     d = cfg.model_dump(mode="json")
+    d["training"] = recipe_dump(d["training"])  # as before training.init_from existed
+    d["margin_model"]["train"] = recipe_dump(d["margin_model"]["train"])
     for key in ("ray", "tracking"):
         d.pop(key)
     for key in ("max_concurrent_trials", "trial_cpus", "trial_max_failures"):

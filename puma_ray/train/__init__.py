@@ -38,6 +38,7 @@ The package follows the stage's seams; imports point one way (driver, then loop,
                EMA): no Ray, also timed by benchmarks/train.py
   plan         how an epoch is built (`epoch_plan`) and the batch plan a resume must keep
   checkpoints  what an epoch checkpoint holds on disk (`state.pt`, `plan.json`), read back
+  init         `training.init_from` (fine-tuning): the network trained and its initial weights
   streams      the data streams of one worker: files per stream, reshuffled passes, exact cuts
   session      where the loop runs: a Ray Train worker or this process
   loop         `train_loop`: one worker's loop (run by every Ray Train worker)

@@ -23,6 +23,7 @@ from puma_ray import storage, tracking
 from puma_ray.config import PipelineConfig, TrainingConfig
 from puma_ray.data import dataset_dirs, open_dataset, validation_dir
 from puma_ray.errors import ConfigError
+from puma_ray.stages import recipe_dump
 from puma_ray.train.checkpoints import (
     STATE_FILE,
     _checkpoint_metas,
@@ -30,6 +31,7 @@ from puma_ray.train.checkpoints import (
     _load_state,
     _read_json,
 )
+from puma_ray.train.init import init_model, init_stamp
 from puma_ray.train.loop import train_loop
 from puma_ray.train.plan import TrainingError, batch_plan, check_resume, epoch_plan
 from puma_ray.train.session import _LocalSession
@@ -170,7 +172,8 @@ def run_train(
     tcfg = cfg.training
     inp = _inputs(cfg, run_dir, dataset, kept_dir)
     num_classes = cfg.data.num_classes or inp["num_classes"]
-    fp = _run_fingerprint(cfg, dataset, inp, num_classes)
+    net = init_model(cfg, num_classes, inp["image_shape"])  # the arch, and initial weights
+    fp = _run_fingerprint(cfg, dataset, inp, num_classes, init_stamp(cfg))
     out_dir = storage.join(run_dir, name)
     model_path = storage.join(out_dir, "model.pt")
     summary_path = storage.join(out_dir, "summary.json")
@@ -217,7 +220,7 @@ def run_train(
         force=force,
         log=log,
     )
-    loop_config = _loop_config(cfg, name, num_classes, inp, run, debug_dir, debug_fail)
+    loop_config = _loop_config(cfg, name, net, num_classes, inp, run, debug_dir, debug_fail)
     log(
         f"train {name}: {tcfg.objective} on {inp['rows']} {dataset} rows, {tcfg.epochs} epochs, "
         f"{cfg.ray.num_workers or 'in-process'} workers (run {ray_name})"
@@ -239,7 +242,7 @@ def run_train(
         )
         if state is None:
             raise TrainingError(f"train {name}: finished without a checkpoint")
-        _save_model(model_path, cfg, num_classes, state, history, inp, dataset=dataset, fp=fp)
+        _save_model(model_path, cfg, net, num_classes, state, history, inp, dataset=dataset, fp=fp)
         status = "FINISHED"
     finally:
         if run is not None:
@@ -268,21 +271,25 @@ def run_train(
 # The steps of run_train, in its order.
 
 
-def _run_fingerprint(cfg: PipelineConfig, dataset: str, inp: dict, num_classes: int) -> str:
+def _run_fingerprint(
+    cfg: PipelineConfig, dataset: str, inp: dict, num_classes: int, init: str | None = None
+) -> str:
     """The fingerprint of every input of the run: it names the Ray Train run (so only the same
-    inputs resume its checkpoints) and marks a finished `summary.json`."""
-    return _fingerprint(
-        {
-            "data": inp["fingerprint"],
-            "dataset": dataset,
-            "model": cfg.model.model_dump(),
-            "training": cfg.training.model_dump(),
-            "num_classes": num_classes,
-            # not the worker count or evaluation settings: they change neither the recipe nor
-            # the global batch, so a finished model stays valid; a checkpoint is resumed on
-            # other workers only if its batch plan is the same (`check_resume`)
-        }
-    )
+    inputs resume its checkpoints) and marks a finished `summary.json`. `init` is the content
+    fingerprint of `training.init_from`'s weights (`init.init_stamp`)."""
+    inputs = {
+        "data": inp["fingerprint"],
+        "dataset": dataset,
+        "model": cfg.model.model_dump(),
+        "training": recipe_dump(cfg.training.model_dump()),
+        "num_classes": num_classes,
+        # not the worker count or evaluation settings: they change neither the recipe nor
+        # the global batch, so a finished model stays valid; a checkpoint is resumed on
+        # other workers only if its batch plan is the same (`check_resume`)
+    }
+    if init is not None:
+        inputs["init_from"] = init
+    return _fingerprint(inputs)
 
 
 def _finished(summary_path: str, model_path: str, fp: str, force: bool) -> TrainSummary | None:
@@ -383,19 +390,22 @@ def _start_mlflow_run(
 def _loop_config(
     cfg: PipelineConfig,
     name: str,
+    net: dict,
     num_classes: int,
     inp: dict,
     run,
     debug_dir: str | None,
     debug_fail: dict | None,
 ) -> dict:
-    """The plain-data config of `train_loop` (what every worker receives)."""
-    model_cfg, tcfg, ev = cfg.model, cfg.training, cfg.evaluation
+    """The plain-data config of `train_loop` (what every worker receives); `net` is the arch,
+    its options and the initial weights' reference (`init.init_model`)."""
+    tcfg, ev = cfg.training, cfg.evaluation
     return {
         "name": name,
         "training": tcfg.model_dump(mode="json"),
-        "arch": model_cfg.arch,
-        "model_kwargs": dict(model_cfg.kwargs),
+        "arch": net["arch"],
+        "model_kwargs": dict(net["model_kwargs"]),
+        "init_from": net["init_from"],
         "num_classes": num_classes,
         "image_shape": inp["image_shape"],
         "num_rows": inp["rows"],
@@ -495,6 +505,7 @@ def _train_in_process(
 def _save_model(
     model_path: str,
     cfg: PipelineConfig,
+    net: dict,
     num_classes: int,
     state: dict,
     history: list[dict],
@@ -503,10 +514,11 @@ def _save_model(
     dataset: str,
     fp: str,
 ) -> None:
-    """The final model (`model.pt`) from the last checkpoint's state."""
+    """The final model (`model.pt`) from the last checkpoint's state; `net` is the arch and
+    options trained (`init.init_model`)."""
     from puma_ray.models import save_checkpoint
 
-    model = _model_from_state(cfg.model, num_classes, state)
+    model = _model_from_state(net["arch"], net["model_kwargs"], num_classes, state)
     save_checkpoint(
         model_path,
         model,
@@ -520,11 +532,11 @@ def _save_model(
     )
 
 
-def _model_from_state(model_cfg, num_classes: int, state: dict) -> nn.Module:
+def _model_from_state(arch: str, kwargs: dict, num_classes: int, state: dict) -> nn.Module:
     """The final weights: the EMA when one was kept, else the raw model."""
     from puma_ray.models import create_model
 
-    model = create_model(model_cfg.arch, num_classes, **model_cfg.kwargs)
+    model = create_model(arch, num_classes, **kwargs)
     weights = state["ema"]["model"] if state.get("ema") else state["model"]
     model.load_state_dict(weights)
     return model.eval()

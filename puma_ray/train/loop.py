@@ -66,14 +66,17 @@ def train_loop(config: dict, session: _Session | None = None) -> list[dict]:
     tcfg = TrainingConfig.model_validate(config["training"])
     ev = config["evaluation"]
     rank, world = session.rank, session.world_size
-    model, wrapped, device, amp = _model(config, tcfg, world)
+    state = session.checkpoint_state()
+    # fine-tuning loads its initial weights only when starting: a resume loads its checkpoint
+    init = config.get("init_from") if state is None else None
+    model, wrapped, device, amp = _model(config, tcfg, world, init)
     plan = epoch_plan(config["source_rows"], tcfg, world)
     bplan = batch_plan(config["source_rows"], config["num_rows"], tcfg, world)
     steps_per_epoch, total_steps = bplan["steps_per_epoch"], bplan["total_steps"]
     eps_warmup = int(round(tcfg.eps_warmup_epochs * steps_per_epoch))
     opt, sched, ema = _optimiser(model, tcfg, steps_per_epoch, total_steps)
     w = _Worker(model, wrapped, device, amp, opt, sched, ema)
-    start_epoch, device_seconds, history = _resume(session.checkpoint_state(), bplan, w)
+    start_epoch, device_seconds, history = _resume(state, bplan, w)
     val = None
     if rank == 0 and config.get("val_uri"):
         val = load_split_rows(config["val_uri"], ev["train_subset"])
@@ -143,15 +146,16 @@ class _Worker:
     ema: EMA | None
 
 
-def _model(config: dict, tcfg: TrainingConfig, world: int):
+def _model(config: dict, tcfg: TrainingConfig, world: int, init: str | None = None):
     """(model, DDP-wrapped model, device, autocast context): the same initial weights on every
-    rank; DDP over the workers when there are several, the GPU in-process with `use_gpu`."""
-    from puma_ray.models import create_model
+    rank (a random init, or those of `init`: `training.init_from`); DDP over the workers when
+    there are several, the GPU in-process with `use_gpu`."""
+    from puma_ray.train.init import initial_model
 
     if tcfg.deterministic:
         deterministic_kernels()
     torch.manual_seed(tcfg.seed)  # the same initial weights on every rank
-    model = create_model(config["arch"], config["num_classes"], **config["model_kwargs"])
+    model = initial_model(config["arch"], config["num_classes"], config["model_kwargs"], init)
     ddp = world > 1
     if ddp:
         import ray.train.torch
