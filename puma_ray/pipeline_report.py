@@ -250,12 +250,13 @@ class PipelineResult:
     def format(self, stages: tuple[str, ...]) -> str:
         r = self.report
         lines = [f"run: finished in {self.wall_s:.0f}s -> {self.run_dir}"]
-        lines.append(f"  {'stage':<18}{'status':<10}{'wall s':>8}")
+        w = max([18, *(len(name) + 2 for name in stages)])  # baseline_random_s1 is 18 long
+        lines.append(f"  {'stage':<{w}}{'status':<10}{'wall s':>8}")
         for name in stages:
             if name in self.skipped:
-                lines.append(f"  {name:<18}{'skipped':<10}{'-':>8}")
+                lines.append(f"  {name:<{w}}{'skipped':<10}{'-':>8}")
             else:
-                lines.append(f"  {name:<18}{'ran':<10}{self.stage_seconds.get(name, 0):>8.1f}")
+                lines.append(f"  {name:<{w}}{'ran':<10}{self.stage_seconds.get(name, 0):>8.1f}")
         if r is not None:
             lines += [
                 f"  rows scored      {r.rows_scored:,} (misclassified by the margin model: "

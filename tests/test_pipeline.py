@@ -181,6 +181,22 @@ def test_mlflow_parent_run_with_child_runs(first_run):
     )
 
 
+def test_report_pipeline_prints_the_logged_comparison(first_run, capsys):
+    """`puma-ray report --pipeline` reads the table back from MLflow: the same one the run
+    printed (every method, its interval note), headed by the parent run."""
+    _tmp, run_dir, _cfg, result, _logs = first_run
+    argv = ["report", "--pipeline", "--run-dir", run_dir, "--experiment", "test-pipeline"]
+    assert cli_main([*argv, "--tracking-uri", result.tracking_uri]) == 0
+    out = capsys.readouterr().out
+    head = [line for line in out.splitlines() if line.startswith("run ")]
+    assert len(head) == 1 and result.mlflow_run_id in head[0], out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    methods = [r.split("|")[1].strip().lower() for r in rows[1:]]
+    assert [m.split(" ")[0] for m in methods] == ["puma", "random", "full"], rows
+    assert "95% Wilson interval" in out
+    assert cli_main([*argv, "--tracking-uri", f"sqlite:///{_tmp}/none.db"]) == 2
+
+
 def test_rerun_skips_then_changed_ratio_redoes_prune_and_train(first_run, tmp_path):
     _tmp, _run_dir, _cfg_, first, _logs = first_run
     tmp, run_dir = _private_copy(first_run, tmp_path / "copy")
