@@ -327,12 +327,8 @@ def _status(run) -> str:
     return "running" if run.info.status == "RUNNING" else "incomplete"
 
 
-def load_report(
-    tracking_uri: str, experiment: str, *, parent_run_id: str | None = None
-) -> SweepReport:
-    """The sweep `parent_run_id` (default: the latest sweep) of `experiment` (a name or an
-    id) from the MLflow store at `tracking_uri`."""
-    client = _client(tracking_uri)
+def _experiment(client, tracking_uri: str, experiment: str):
+    """The MLflow experiment named (or numbered) `experiment`, else one line listing them."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None and experiment.isdigit():
         try:
@@ -344,24 +340,38 @@ def load_report(
         raise ReportError(
             f"no experiment {experiment!r} in {redact(tracking_uri)} (experiments: {names})"
         )
-    if parent_run_id:
+    return exp
+
+
+def _parent_run(client, tracking_uri: str, exp, stage: str, run_id: str | None, missing: str):
+    """The run `run_id`, else the latest run of `exp` tagged `puma_ray.stage = stage` (none:
+    one line, `experiment ... <missing>`)."""
+    if run_id:
         try:
-            parent = client.get_run(parent_run_id)
+            return client.get_run(run_id)
         except Exception:
-            raise ReportError(f"{redact(tracking_uri)}: no run {parent_run_id}") from None
-    else:
-        found = client.search_runs(
-            [exp.experiment_id],
-            filter_string="tags.`puma_ray.stage` = 'sweep'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if not found:
-            raise ReportError(
-                f"experiment {exp.name!r} in {redact(tracking_uri)} has no sweep "
-                "(run `puma-ray sweep`)"
-            )
-        parent = found[0]
+            raise ReportError(f"{redact(tracking_uri)}: no run {run_id}") from None
+    found = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`puma_ray.stage` = '{stage}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not found:
+        raise ReportError(f"experiment {exp.name!r} in {redact(tracking_uri)} {missing}")
+    return found[0]
+
+
+def load_report(
+    tracking_uri: str, experiment: str, *, parent_run_id: str | None = None
+) -> SweepReport:
+    """The sweep `parent_run_id` (default: the latest sweep) of `experiment` (a name or an
+    id) from the MLflow store at `tracking_uri`."""
+    client = _client(tracking_uri)
+    exp = _experiment(client, tracking_uri, experiment)
+    parent = _parent_run(
+        client, tracking_uri, exp, "sweep", parent_run_id, "has no sweep (run `puma-ray sweep`)"
+    )
     p = parent.data.params
     swept = [k for k in p.get("sweep.swept", "").split(",") if k]
     children = _search_all(
@@ -392,24 +402,10 @@ def load_pipeline_report(
     import tempfile
 
     client = _client(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise ReportError(f"no experiment {experiment!r} in {redact(tracking_uri)}")
-    if parent_run_id:
-        run = client.get_run(parent_run_id)
-    else:
-        found = client.search_runs(
-            [exp.experiment_id],
-            filter_string="tags.`puma_ray.stage` = 'pipeline'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if not found:
-            raise ReportError(
-                f"experiment {exp.name!r} in {redact(tracking_uri)} has no `puma-ray run` "
-                "(pipeline) run"
-            )
-        run = found[0]
+    exp = _experiment(client, tracking_uri, experiment)
+    run = _parent_run(
+        client, tracking_uri, exp, "pipeline", parent_run_id, "has no `puma-ray run` (pipeline) run"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = client.download_artifacts(run.info.run_id, "pipeline/report.md", tmp)
