@@ -2,6 +2,9 @@
 
 The CLI only parses, validates and calls the stage modules; heavy imports (torch, Ray) happen
 inside the commands so `--help`, `--version` and config errors answer at once.
+
+Length: one module on purpose: every command's parser and its handler, side by side, so a
+flag's help text and what it does are read together.
 """
 
 from __future__ import annotations

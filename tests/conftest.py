@@ -77,6 +77,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # each wait for a poll, ~2-3 s of idle time per TorchTrainer fit, and the suite fits dozens
 # (measured: a trivial one-worker fit 12.4 -> 9.7 s). Faster polling changes no result.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# ...and starts a PreemptionWatcher actor (a fresh worker process) with every worker group, to
+# watch for nodes being drained; no test drains a node. tests/test_quiet_output.py turns it back
+# on in its child, whose check counts that watcher's lines.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def _ray_running() -> bool:

@@ -57,6 +57,9 @@ def _run(tmp_path, name: str, *flags: str, env_extra=None, command=("run",)):
     argv += [a for s in SETS for a in ("--set", s)]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env.update(RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", **(env_extra or {}))
+    # as a user's run: Ray Train's PreemptionWatcher on (conftest turns it off for speed), so
+    # its lines are among those the quiet output must hide
+    env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "1"
     proc = subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,

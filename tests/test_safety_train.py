@@ -304,7 +304,8 @@ def test_force_trains_again_from_epoch_zero_in_a_new_mlflow_run(data_dir, tmp_pa
 @pytest.mark.slow
 def test_retried_epoch_is_logged_to_mlflow_once(data_dir, tmp_path):
     """Rank 0 logs epoch 2 to MLflow, then dies before the epoch's checkpoint is reported: Ray
-    Train reruns epoch 2 from the epoch-1 checkpoint, and that rerun must not log step 2 again."""
+    Train reruns epoch 2 from the epoch-1 checkpoint, and that rerun must not log step 2 again.
+    (Also the suite's test of a worker killed mid-run resuming from its last checkpoint.)"""
     from mlflow.tracking import MlflowClient
 
     from puma_ray.train import run_train
@@ -317,6 +318,7 @@ def test_retried_epoch_is_logged_to_mlflow_once(data_dir, tmp_path):
     assert os.path.exists(marker)  # rank 0 really died once, after logging epoch 2
     assert [m["epoch"] for m in s.history] == [1, 2]
     assert [m["attempt_start_epoch"] for m in s.history] == [0, 1]  # epoch 2 ran twice
+    assert s.resumed_from_epoch == 0  # this call started fresh; Ray resumed it internally
     client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
     keys = client.get_run(s.mlflow_run_id).data.metrics
     assert {"train_loss", "epoch", "lr"} <= set(keys)

@@ -287,23 +287,6 @@ def test_ddp_two_workers(data_dir, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_killed_worker_resumes_from_checkpoint(data_dir, tmp_path):
-    run_dir = _fresh_run_dir(data_dir, tmp_path)
-    marker = str(tmp_path / "failed-once")
-    # one stream over all rows (no per-batch mixing): epochs are single passes
-    cfg = _cfg(
-        "training.max_failures=1", "training.objective=standard", "training.real_fraction=null"
-    )
-    s = run_train(cfg, run_dir, log=_quiet, debug_fail={"rank": 1, "epoch": 1, "marker": marker})
-    assert os.path.exists(marker)  # the worker really died once, at the start of epoch 2
-    assert [m["epoch"] for m in s.history] == [1, 2]
-    # epoch 2 ran in a second attempt that started from the epoch-1 checkpoint
-    assert [m["attempt_start_epoch"] for m in s.history] == [0, 1]
-    assert s.resumed_from_epoch == 0  # this call started fresh; Ray resumed it internally
-
-
-@pytest.mark.slow
-@pytest.mark.ray
 def test_full_dataset_margin_model_then_evaluate(data_dir, tmp_path):
     from puma_ray.evaluate import run_evaluate
 

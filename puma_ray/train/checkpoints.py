@@ -1,16 +1,22 @@
 """What an epoch checkpoint holds on disk and how it is read back: `state.pt` (weights,
 optimiser, scheduler, EMA, RNG, history, batch plan) and beside it `plan.json` (epoch and batch
 plan, small enough for the driver to read before it resumes), in a Ray Train checkpoint or the
-in-process checkpoint directory."""
+in-process checkpoint directory; and the final `model.pt` written from the last one."""
 
 from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
 from puma_ray import storage
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from puma_ray.config import PipelineConfig
 
 STATE_FILE = "state.pt"
 # Beside STATE_FILE in every checkpoint: its epoch and batch plan, small enough for the driver to
@@ -73,3 +79,43 @@ def _checkpoint_metas(path: str | None) -> list[tuple[str, dict]]:
 def _last_reported_epoch(run_path: str) -> int:
     """Epochs already checkpointed by an earlier attempt of this Ray run (0 if none)."""
     return max((int(m["epoch"]) + 1 for _, m in _checkpoint_metas(run_path)), default=0)
+
+
+def save_final_model(
+    model_path: str,
+    cfg: PipelineConfig,
+    net: dict,
+    num_classes: int,
+    state: dict,
+    history: list[dict],
+    inp: dict,
+    *,
+    dataset: str,
+    fp: str,
+) -> None:
+    """The final model (`model.pt`) from the last checkpoint's state; `net` is the arch and
+    options trained (`init.init_model`)."""
+    from puma_ray.models import save_checkpoint
+
+    model = model_from_state(net["arch"], net["model_kwargs"], num_classes, state)
+    save_checkpoint(
+        model_path,
+        model,
+        image_shape=inp["image_shape"],
+        extra={
+            "epochs": cfg.training.epochs,
+            "dataset": dataset,
+            "fingerprint": fp,
+            "metrics": {k: float(v) for k, v in (history[-1] if history else {}).items()},
+        },
+    )
+
+
+def model_from_state(arch: str, kwargs: dict, num_classes: int, state: dict) -> nn.Module:
+    """The final weights: the EMA when one was kept, else the raw model."""
+    from puma_ray.models import create_model
+
+    model = create_model(arch, num_classes, **kwargs)
+    weights = state["ema"]["model"] if state.get("ema") else state["model"]
+    model.load_state_dict(weights)
+    return model.eval()

@@ -17,8 +17,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from torch import nn
-
 from puma_ray import storage, tracking
 from puma_ray.config import PipelineConfig, TrainingConfig
 from puma_ray.data import dataset_dirs, open_dataset, validation_dir
@@ -30,6 +28,7 @@ from puma_ray.train.checkpoints import (
     _last_reported_epoch,
     _load_state,
     _read_json,
+    save_final_model,
 )
 from puma_ray.train.init import init_model, init_stamp
 from puma_ray.train.loop import train_loop
@@ -242,7 +241,9 @@ def run_train(
         )
         if state is None:
             raise TrainingError(f"train {name}: finished without a checkpoint")
-        _save_model(model_path, cfg, net, num_classes, state, history, inp, dataset=dataset, fp=fp)
+        save_final_model(
+            model_path, cfg, net, num_classes, state, history, inp, dataset=dataset, fp=fp
+        )
         status = "FINISHED"
     finally:
         if run is not None:
@@ -500,46 +501,6 @@ def _train_in_process(
         _raise_if_corrupt(e, name, files)
         raise
     return session.checkpoint_state(), history, resumed
-
-
-def _save_model(
-    model_path: str,
-    cfg: PipelineConfig,
-    net: dict,
-    num_classes: int,
-    state: dict,
-    history: list[dict],
-    inp: dict,
-    *,
-    dataset: str,
-    fp: str,
-) -> None:
-    """The final model (`model.pt`) from the last checkpoint's state; `net` is the arch and
-    options trained (`init.init_model`)."""
-    from puma_ray.models import save_checkpoint
-
-    model = _model_from_state(net["arch"], net["model_kwargs"], num_classes, state)
-    save_checkpoint(
-        model_path,
-        model,
-        image_shape=inp["image_shape"],
-        extra={
-            "epochs": cfg.training.epochs,
-            "dataset": dataset,
-            "fingerprint": fp,
-            "metrics": {k: float(v) for k, v in (history[-1] if history else {}).items()},
-        },
-    )
-
-
-def _model_from_state(arch: str, kwargs: dict, num_classes: int, state: dict) -> nn.Module:
-    """The final weights: the EMA when one was kept, else the raw model."""
-    from puma_ray.models import create_model
-
-    model = create_model(arch, num_classes, **kwargs)
-    weights = state["ema"]["model"] if state.get("ema") else state["model"]
-    model.load_state_dict(weights)
-    return model.eval()
 
 
 def _ordered_ingest():
