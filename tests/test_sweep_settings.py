@@ -4,6 +4,7 @@ trials, and labelled in the report. The sweep itself runs in test_sweep.py (its 
 sweeps one setting)."""
 
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -26,6 +27,7 @@ METHODS = (
     "{name: scale, pruning.strategy: puma, pruning.eps_rule: scale_lowest}]}, "
     "pruning.ratio: {grid: [0.3, 0.6]}}"
 )
+STUDY = os.path.join(os.path.dirname(__file__), "..", "tune_configs", "study_builtin.yaml")
 NORMS = "scoring.norm=linf"  # margin_cap compares linf margins with the linf training epsilon
 
 
@@ -331,3 +333,40 @@ def test_report_labels_settings_and_averages_their_seeds():
     assert cap_group.test_robust.value == pytest.approx((0.34 + 0.43) / 2)
     assert cap_group.vs_baseline.value == pytest.approx((0.34 + 0.43) / 2 - 0.5)
     assert "method=cap_drop ratio=0.3 | 2 |" in report.format()
+
+
+# --------------------------------------------------------------------------------------------
+# The study's config (docs/study.md section 2): planned here, run by hand.
+
+
+def test_study_config_is_the_study_it_says():
+    cfg = load_config(STUDY)
+    plan = plan_sweep(cfg)
+    # (7 settings x 2 ratios + the unpruned baseline) x 3 seeds
+    assert plan.trials == 45 and plan.baseline_added
+    names = [s["name"] for s in cfg.sweep.space["method"].settings]
+    assert names == [
+        "random",
+        "high_margin",
+        "low_margin",
+        "puma_scale",
+        "puma_scale_drop",
+        "puma_cap",
+        "puma_cap_drop",
+    ]
+    resolved = {
+        (p.strategy, p.eps_rule if p.strategy == "puma" else "-", p.misclassified, p.ratio)
+        for values, baseline in _values(plan)
+        if not baseline
+        for p in [apply_values(cfg, values).pruning]
+    }
+    puma = {("puma", r, m) for r in ("scale_lowest", "margin_cap") for m in ("eps_rule", "drop")}
+    assert {k[:3] for k in resolved} == puma | {
+        (s, "-", "eps_rule") for s in ("random", "high_margin", "low_margin")
+    }
+    assert {k[3] for k in resolved} == {0.4, 0.8} and len(resolved) == 14
+    (source,) = cfg.data.sources
+    assert source.synthetic >= 10 * source.real_train
+    t = cfg.training
+    assert t.epoch_length == "fixed" and t.samples_per_epoch * t.epochs == 10240
+    assert cfg.sweep.metric == "val/robust_acc" and cfg.data.has_validation
