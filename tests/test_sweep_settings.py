@@ -14,7 +14,7 @@ from puma_ray.config import load_config
 from puma_ray.errors import ConfigError
 from puma_ray.report import SweepReport, _annotate, _row, _settings_keys
 from puma_ray.sweep import apply_values, plan_sweep, sweep_fingerprint, trial_values
-from puma_ray.sweep.plan import _describe, config_values
+from puma_ray.sweep.plan import _describe, _fingerprint_dump, config_values
 from puma_ray.sweep.trial import _trial_params
 from puma_ray.tracking import _flatten
 
@@ -228,6 +228,9 @@ def test_a_settings_point_is_checked_as_a_trial_would_be():
 
 
 def test_the_fingerprint_follows_the_settings():
+    # a grid's fingerprint is the one it had before settings dimensions existed, so a sweep
+    # started then still restores
+    assert "settings" not in json.dumps(_fingerprint_dump(_cfg())["sweep"])
     a = sweep_fingerprint(_cfg(METHODS))
     assert sweep_fingerprint(_cfg(METHODS)) == a  # a rerun restores the same sweep
     assert sweep_fingerprint(_cfg(METHODS.replace("name: high,", "name: hi,"))) != a

@@ -206,6 +206,11 @@ def _refuse_repeated_unpruned(cfg: PipelineConfig, points: list[dict[str, Any]])
 def sweep_fingerprint(cfg: PipelineConfig) -> str:
     """What the sweep's results depend on: the config without resources and tracking, so a
     restore may change ray.* or concurrency but a changed search space starts a new sweep."""
+    d = _fingerprint_dump(cfg)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _fingerprint_dump(cfg: PipelineConfig) -> dict[str, Any]:
     d = cfg.model_dump(mode="json")
     d["training"] = recipe_dump(d["training"])  # as before training.init_from existed
     d["margin_model"]["train"] = recipe_dump(d["margin_model"]["train"])
@@ -213,7 +218,10 @@ def sweep_fingerprint(cfg: PipelineConfig) -> str:
         d.pop(key)
     for key in ("max_concurrent_trials", "trial_cpus", "trial_max_failures"):
         d["sweep"].pop(key)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+    for dim in d["sweep"]["space"].values():  # as before settings dimensions existed
+        if dim.get("settings") is None:
+            dim.pop("settings", None)
+    return d
 
 
 def _short(key: str) -> str:
