@@ -708,12 +708,62 @@ SWEEP_DISCRETE = (
 # what a trial measures at its end (evaluate's numbers and the training compute)
 # "best" is chosen on the validation split (or on compute); test numbers are only reported
 SWEEP_METRICS = ("val/robust_acc", "val/clean_acc", "device_seconds")
-SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")
+SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "settings")
+# what one setting of a `settings` dimension may set: the search keys but the seeds, which vary
+# per repeat (sweep.num_samples) or in a grid of their own
+SETTING_KEYS = tuple(k for k in SWEEPABLE if not k.endswith(".seed"))
+_SETTING_NAME_BAD = frozenset(" \t\n=,")
+
+
+class SubPathError(ValueError):
+    """A ValueError about one part of a field's value: `path` continues the field's location
+    (`[2].pruning.eps_rule` after `sweep.space.method.settings`), so the one-line error names
+    the exact spot."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(message)
+        self.path = path
+
+
+def _setting_label(values: dict[str, Any]) -> str:
+    return "+".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values.values())
+
+
+def _check_setting(index: int, setting: dict[str, Any]) -> dict[str, Any]:
+    """One setting checked key by key as `--set` checks a value; returned as {"name": ...,
+    key: parsed value, ...} (the name defaults to its values joined by '+')."""
+    where = f"[{index}]"
+    values = {}
+    for key, value in setting.items():
+        if key == "name":
+            continue
+        if key in SWEEPABLE and key not in SETTING_KEYS:
+            raise SubPathError(
+                f"{where}.{key}",
+                "a seed is not part of a setting: it varies per repeat (sweep.num_samples) or "
+                "in a grid dimension of its own",
+            )
+        if key not in SETTING_KEYS:
+            raise SubPathError(
+                f"{where}.{key}",
+                f"not a key a setting can set (allowed: name, {', '.join(SETTING_KEYS)})",
+            )
+        values[key] = check_search_value(key, value, prefix=False, path=f"{where}.{key}")
+    if not values:
+        raise SubPathError(where, "sets no key (give e.g. {pruning.strategy: random})")
+    name = setting.get("name", _setting_label(values))
+    if not isinstance(name, str) or not name or _SETTING_NAME_BAD & set(name):
+        raise SubPathError(
+            f"{where}.name", f"must be a word without spaces, '=' or ',' (got {name!r})"
+        )
+    return {"name": name, **values}
 
 
 class SearchDim(Strict):
     """One dimension: exactly one of grid (every value, crossed with the other grids) /
-    choice (one sampled value per trial) / uniform or loguniform ([low, high] sampled)."""
+    choice (one sampled value per trial) / uniform or loguniform ([low, high] sampled) /
+    settings (a list of settings, each a mapping of search keys to values, crossed with the
+    other grids like one grid dimension; the dimension's own name is then a label, not a key)."""
 
     grid: list[Any] | None = Field(
         None, description="every value, crossed with the other grid dimensions"
@@ -725,16 +775,43 @@ class SearchDim(Strict):
     loguniform: tuple[float, float] | None = Field(
         None, description="[low, high], low > 0: one value drawn log-uniformly per trial"
     )
+    settings: list[dict[str, Any]] | None = Field(
+        None,
+        description="every setting, crossed with the grid dimensions: each a mapping of "
+        f"search keys ({', '.join(SETTING_KEYS)}) to one value, and an optional `name` (its "
+        "label in trial names and the report; default: its values joined by '+'). Under a "
+        "dimension named by a word without dots (`method`), not by a key; a key a setting "
+        "sets is swept by that dimension alone (docs/sweeps.md)",
+    )
+
+    @field_validator("settings")
+    @classmethod
+    def _each_setting(cls, settings: list[dict[str, Any]] | None):
+        if settings is None:
+            return None
+        out: list[dict[str, Any]] = []
+        for i, setting in enumerate(settings):
+            checked = _check_setting(i, setting)
+            values = {k: v for k, v in checked.items() if k != "name"}
+            for j, other in enumerate(out):
+                if {k: v for k, v in other.items() if k != "name"} == values:
+                    raise SubPathError(f"[{i}]", f"sets the same values as settings[{j}]")
+                if other["name"] == checked["name"]:
+                    hint = "" if "name" in setting else " (give each a `name`)"
+                    raise SubPathError(
+                        f"[{i}].name", f"{checked['name']!r} also names settings[{j}]{hint}"
+                    )
+            out.append(checked)
+        return out
 
     def model_post_init(self, _ctx: Any) -> None:
-        given = [
-            k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None
-        ]
+        given = [k for k in SEARCH_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of grid, choice, uniform, loguniform")
+            raise ValueError("give exactly one of grid, choice, uniform, loguniform, settings")
         kind = given[0]
-        if kind in ("grid", "choice") and not getattr(self, kind):
-            raise ValueError(f"{kind} is empty (give at least one value)")
+        if kind in ("grid", "choice", "settings") and not getattr(self, kind):
+            what = "setting" if kind == "settings" else "value"
+            raise ValueError(f"{kind} is empty (give at least one {what})")
         if kind in ("uniform", "loguniform"):
             lo, hi = getattr(self, kind)
             if not lo < hi:
@@ -744,16 +821,18 @@ class SearchDim(Strict):
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k))
+        return next(k for k in SEARCH_KINDS if getattr(self, k))
 
     def values(self) -> list[Any]:
-        """The values a trial can get: the list for grid/choice, the two bounds otherwise."""
+        """The values a trial can get: the list for grid/choice/settings (a setting is a
+        mapping), the two bounds otherwise."""
         return list(getattr(self, self.kind))
 
 
-def check_search_value(key: str, value: Any) -> Any:
+def check_search_value(key: str, value: Any, *, prefix: bool = True, path: str = "") -> Any:
     """Validate one value of search key `key` with the schema of the field it sets (so a sweep
-    can never hand a trial a config the pipeline would refuse); return the parsed value."""
+    can never hand a trial a config the pipeline would refuse); return the parsed value. The
+    error names `key` (`prefix`), or with `path` is a SubPathError at that path."""
     section, name = key.split(".", 1)
     model = {"pruning": PruningConfig, "training": TrainingConfig}[section]
     try:
@@ -763,7 +842,9 @@ def check_search_value(key: str, value: Any) -> Any:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] != "value_error" and "(got" not in msg:
             msg += f" (got {value!r})"
-        raise ValueError(f"{key}: {msg}") from None
+        if path:
+            raise SubPathError(path, msg) from None
+        raise ValueError(f"{key}: {msg}" if prefix else msg) from None
 
 
 class SweepConfig(Strict):
@@ -775,9 +856,10 @@ class SweepConfig(Strict):
             "pruning.ratio": SearchDim(grid=[0.3, 0.6]),
             "pruning.eps_scale": SearchDim(grid=[0.5, 1.0]),
         },
-        description="the search space: a mapping of search key to one dimension (below); a "
-        "space written in a file replaces the default one, `--set sweep.space.KEY=...` edits "
-        f"one key (null removes it). Search keys: {', '.join(SWEEPABLE)}",
+        description="the search space: a mapping of search key to one dimension (below), or of "
+        "a name without dots to a list of `settings`; a space written in a file replaces the "
+        "default one, `--set sweep.space.KEY=...` edits one key (null removes it). Search "
+        f"keys: {', '.join(SWEEPABLE)}",
     )
     num_samples: PositiveInt = Field(
         1,
@@ -827,12 +909,33 @@ class SweepConfig(Strict):
     @classmethod
     def _known_keys_and_values(cls, space: dict[str, SearchDim]) -> dict[str, SearchDim]:
         for key, dim in space.items():
+            if dim.kind == "settings":
+                if not is_plain_name(key) or "." in key:
+                    raise ValueError(
+                        f"{key}: a settings dimension is named by a word without dots (e.g. "
+                        "method): its settings name the keys they set"
+                    )
+                continue
             if key not in SWEEPABLE:
-                raise ValueError(f"unknown search key {key!r} (allowed: {', '.join(SWEEPABLE)})")
+                hint = "; a name without dots takes a list of settings" if "." not in key else ""
+                raise ValueError(
+                    f"unknown search key {key!r} (allowed: {', '.join(SWEEPABLE)}{hint})"
+                )
             if key in SWEEP_DISCRETE and dim.kind in ("uniform", "loguniform"):
                 raise ValueError(f"{key}: use grid or choice ({dim.kind} samples real numbers)")
             for v in dim.values():
                 check_search_value(key, v)
+        # a key is swept by one dimension: its own, or the settings of one settings dimension
+        owner = {k: k for k, d in space.items() if d.kind != "settings"}
+        for key, dim in space.items():
+            for i, setting in enumerate(dim.settings or []):
+                for k in setting:
+                    if k != "name" and owner.setdefault(k, key) != key:
+                        raise SubPathError(
+                            f"{key}.settings[{i}].{k}",
+                            f"also swept by sweep.space.{owner[k]}: a key is set by the "
+                            "settings of one dimension or by a dimension of its own, not both",
+                        )
         return space
 
     @field_validator("metric")
@@ -1007,6 +1110,9 @@ def _format_error(err: dict[str, Any], source: str) -> str:
         msg = "required key is missing"
     elif kind == "value_error":
         msg = msg.removeprefix("Value error, ")  # our own messages already say what was given
+        exc = (err.get("ctx") or {}).get("error")
+        if isinstance(exc, SubPathError):
+            loc += exc.path if exc.path.startswith("[") or not loc else f".{exc.path}"
     elif kind == "union_tag_invalid":
         msg = "unknown source type (expected builtin, npz or torchvision)"
     if kind not in ("extra_forbidden", "missing", "value_error") and "input" in err:

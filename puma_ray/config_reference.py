@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel
 
 from puma_ray.config import (
+    SETTING_KEYS,
     SWEEP_DISCRETE,
     SWEEPABLE,
     WHOLE_MAPPINGS,
@@ -41,7 +42,9 @@ one line that names it, before anything runs.
   key): {whole}.
 - `--set` edits one key: `--set training.epochs=3`, `--set data.sources.0.noise=0.2` (list
   items by index), `--set 'sweep.space.pruning.ratio={{grid: [0.2, 0.5]}}'` (search keys keep
-  their dots), `--set sweep.space.pruning.eps_scale=null` (drops a search key).
+  their dots), `--set sweep.space.pruning.eps_scale=null` (drops a search key),
+  `--set 'sweep.space.method.settings=[{{pruning.strategy: random}}]'` (a settings dimension,
+  given whole).
 - Numbers may be written as fractions: `epsilon: 8/255`.
 - `null` defaults that name an environment variable (`tracking.tracking_uri`:
   `MLFLOW_TRACKING_URI`, `tracking.experiment`: `MLFLOW_EXPERIMENT_NAME`, `ray.address`:
@@ -223,7 +226,13 @@ def _space_section(out: list[str], path: str, level: int, table) -> None:
     out.append(
         f"{_summary(SearchDim)} Keys: {', '.join(f'`{k}`' for k in SWEEPABLE)}; "
         f"{', '.join(f'`{k}`' for k in SWEEP_DISCRETE)} take grid or choice only. Every value "
-        "is checked against the field it sets before Ray starts.\n"
+        "is checked against the field it sets before Ray starts, a setting's too.\n"
+    )
+    out.append(
+        "A `settings` dimension, e.g. `method: {settings: [{name: rand, pruning.strategy: "
+        "random}, {pruning.strategy: puma, pruning.eps_rule: margin_cap}]}`: its settings may "
+        f"set {', '.join(f'`{k}`' for k in SETTING_KEYS)} (not the seeds), a key no other "
+        "dimension sweeps; the settings must differ, and so must their names.\n"
     )
     table(SearchDim, f"{path}.space.<key>.")
 

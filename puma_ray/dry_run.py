@@ -208,6 +208,10 @@ def plan_sweep_run(cfg: PipelineConfig, run_dir: str) -> str:
         f"  trials ({plan.num_samples} sample{'s' if plan.num_samples > 1 else ''} of each):"
     )
     lines += [f"    {i + 1:>3}. {_describe(p)}" for i, p in enumerate(plan.points)]
+    for dim, d in cfg.sweep.space.items():
+        for setting in d.settings or []:
+            keys = {k: v for k, v in setting.items() if k != "name"}
+            lines.append(f"    {dim}={setting['name']}: {_describe(keys)}")
     if plan.sampled:
         lines.append(f"    each crossed with draws of: {', '.join(plan.sampled)}")
     shown = ", ".join(f"{k}: {v:g}" for k, v in trial_resources(cfg).items() if k == "CPU")

@@ -63,6 +63,13 @@ class TrialRow:
     curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, val robust acc)
     pareto: bool = False
     vs_baseline: float | None = None  # device_seconds / the baseline's
+    # key a settings dimension sets -> the value this trial's setting gives it ("—": its
+    # setting leaves the key at the config's value); the table's columns after the swept keys
+    setting_values: dict[str, str] = field(default_factory=dict)
+
+    def cell(self, key: str) -> str:
+        """The trial's value of a swept key or of a key its settings set."""
+        return self.values.get(key, self.setting_values.get(key, "—"))
 
     @property
     def finished(self) -> bool:
@@ -85,6 +92,7 @@ class SweepReport:
     attack: str
     rows: list[TrialRow]
     notes: list[str] = field(default_factory=list)
+    setting_keys: list[str] = field(default_factory=list)  # the keys settings dimensions set
 
     @property
     def baselines(self) -> list[TrialRow]:
@@ -161,9 +169,11 @@ class SweepReport:
     # ------------------------------------------------------------------ table
 
     def _columns(self) -> list[str]:
-        return [k for k in self.swept if not k.endswith(".seed")] + [
-            k for k in self.swept if k.endswith(".seed")
-        ]
+        return (
+            [k for k in self.swept if not k.endswith(".seed")]
+            + self.setting_keys
+            + [k for k in self.swept if k.endswith(".seed")]
+        )
 
     def markdown(self) -> str:
         cols = self._columns()
@@ -173,7 +183,7 @@ class SweepReport:
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join(_align(h) for h in head) + "|"]
         for r in self.rows:
             name = r.trial + (" (unpruned)" if r.baseline else "")
-            cells = [name, r.status, *(r.values.get(k, "—") for k in cols)]
+            cells = [name, r.status, *(r.cell(k) for k in cols)]
             cells += [
                 _num(r.kept_rows, ",d"),
                 _num(r.val_robust_acc, ".4f"),
@@ -198,7 +208,7 @@ class SweepReport:
         )
         for r in self.rows:
             w.writerow(
-                [r.trial, r.status, r.label, *(r.values.get(k, "") for k in cols)]
+                [r.trial, r.status, r.label, *(r.cell(k) for k in cols)]
                 + [r.baseline, _raw(r.kept_rows), _raw(r.kept_fraction)]
                 + [_raw(r.val_clean_acc), _raw(r.val_robust_acc)]
                 + [_raw(r.clean_acc), _raw(r.robust_acc), _raw(r.pgd_acc)]
@@ -270,6 +280,8 @@ def _setting_label(keys: list[str], values: tuple) -> str:
 
 
 def _short(key: str) -> str:
+    if "." not in key:  # a settings dimension's name
+        return key
     section, name = key.split(".", 1)
     return name if section == "pruning" else f"{section}_{name}"
 
@@ -376,10 +388,12 @@ def load_report(
     )
     p = parent.data.params
     swept = [k for k in p.get("sweep.swept", "").split(",") if k]
+    setting_keys = [k for k in p.get("sweep.setting_keys", "").split(",") if k]
     children = _search_all(
         client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )
-    rows = [_row(client, run, swept) for run in children]
+    sets = _settings_keys(p.get("sweep.space"))
+    rows = [_row(client, run, swept, setting_keys, sets) for run in children]
     report = SweepReport(
         experiment=exp.name,
         tracking_uri=tracking_uri,
@@ -390,6 +404,7 @@ def load_report(
         swept=swept,
         attack=_attack(p),
         rows=rows,
+        setting_keys=setting_keys,
     )
     _annotate(report)
     return report
@@ -441,15 +456,47 @@ def _attack(p: dict) -> str:
     return f"PGD-{steps} {norm} " + (f"{e * 255:.3g}/255" if norm == "linf" else f"{e:.3g}")
 
 
-def _row(client, run, swept: list[str]) -> TrialRow:
+def _settings_keys(space_json: str | None) -> dict[str, dict[str, set[str]]] | None:
+    """settings dimension -> setting name -> the keys it sets, from the sweep's logged search
+    space; None when it cannot be read (a space longer than MLflow keeps of a param)."""
+    import json
+
+    try:
+        space = json.loads(space_json or "{}")
+        return {
+            dim: {s["name"]: set(s) - {"name"} for s in d["settings"]}
+            for dim, d in space.items()
+            if "settings" in d
+        }
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def _row(
+    client,
+    run,
+    swept: list[str],
+    setting_keys: tuple[str, ...] | list[str] = (),
+    settings: dict[str, dict[str, set[str]]] | None = None,
+) -> TrialRow:
     p, m, t = run.data.params, run.data.metrics, run.data.tags
     eps_rule = p.get("pruning.eps_rule")
-    values = {}
-    for key in swept:
-        v = p.get(key)
+
+    def value(key: str) -> str:
+        v = p.get(key) if "." in key else p.get(f"setting.{key}")  # a setting: its name
         if key in _EPS_KEYS and eps_rule == "none":
             v = None  # an epsilon parameter of a trial that keeps every epsilon
-        values[key] = "—" if v is None else v
+        return "—" if v is None else v
+
+    values = {key: value(key) for key in swept}
+    setting_values = {}
+    for key in setting_keys:
+        v = value(key)
+        for dim, named in (settings or {}).items():
+            chosen = named.get(p.get(f"setting.{dim}"))
+            if chosen is not None and key not in chosen and any(key in s for s in named.values()):
+                v = "—"  # this trial's setting leaves the key at the config's value
+        setting_values[key] = v
     ratio = p.get("pruning.ratio")
     epochs = m.get("epoch")
     try:
@@ -476,6 +523,7 @@ def _row(client, run, swept: list[str]) -> TrialRow:
         kept_fraction=_float(m, "kept_fraction"),
         epochs=int(epochs) if epochs is not None else None,
         curve=curve,
+        setting_values=setting_values,
     )
 
 

@@ -362,12 +362,15 @@ def test_report_command_reads_mlflow_without_ray(grid_sweep, tmp_path, capsys):
 def test_restore_reruns_only_unfinished_trials(inputs, tmp_path):
     """A trial fails once after training; the restore runs that trial alone: it resumes
     (training skipped) and the finished baseline trial is neither rerun nor logged twice.
-    Training runs in the trial process here (the grid sweep covers the TorchTrainer path)."""
+    Training runs in the trial process here (the grid sweep covers the TorchTrainer path).
+    The pruned trial is one setting of a `settings` dimension: its name labels it through the
+    restore, in MLflow and in the report."""
     from mlflow.tracking import MlflowClient
 
     run_dir = _fresh_run_dir(inputs, tmp_path / "run")
     cfg = _cfg(
-        "sweep.space={pruning.ratio: {grid: [0.5]}, pruning.eps_scale: {grid: [0.5]}}",
+        "sweep.space={method: {settings: [{name: half, pruning.ratio: 0.5, "
+        "pruning.eps_scale: 0.5}]}}",
         "sweep.trial_max_failures=0",
         "sweep.max_concurrent_trials=2",
         "ray.num_workers=0",
@@ -426,3 +429,16 @@ def test_restore_reruns_only_unfinished_trials(inputs, tmp_path):
     }
     assert second.report.baseline_device_s is not None
     assert [r.trial for r in second.report.rows if r.baseline] == [done]
+    # the setting's name and values, from trial.json to the MLflow run and the report
+    info = json.load(open(os.path.join(sweep_dir, failed, "trial.json")))
+    assert info["values"]["method"]["name"] == "half" and info["label"] == "method=half"
+    child = next(r for r in after.values() if r.data.tags.get("puma_ray.trial") == failed)
+    assert child.data.params["setting.method"] == "half"
+    assert child.data.params["pruning.ratio"] == "0.5" and child.info.run_name.endswith("half")
+    parent = after[second.parent_run_id].data.params
+    assert parent["sweep.swept"] == "method"
+    assert parent["sweep.setting_keys"] == "pruning.ratio,pruning.eps_scale"
+    row = next(r for r in second.report.rows if r.trial == failed)
+    assert row.values == {"method": "half"}
+    assert row.setting_values == {"pruning.ratio": "0.5", "pruning.eps_scale": "0.5"}
+    assert "| trial | status | method | ratio | eps_scale |" in second.report.markdown()

@@ -143,6 +143,8 @@ def prepare_inputs(cfg: PipelineConfig, plan: SweepPlan, run_dir: str, log) -> N
     strategies = {cfg.pruning.strategy}
     if "pruning.strategy" in cfg.sweep.space:
         strategies |= set(cfg.sweep.space["pruning.strategy"].values())
+    for dim in cfg.sweep.space.values():  # and those a setting names
+        strategies |= {s["pruning.strategy"] for s in dim.settings or [] if "pruning.strategy" in s}
     if not strategies - {"random", "none"}:
         return  # nothing ranks by margin: no margin model, no scores
     if not cfg.margin_model.given:  # a checkpoint or a RobustBench zoo model
@@ -175,6 +177,7 @@ def _sweep_params(cfg: PipelineConfig, plan: SweepPlan, run_dir: str, sweep_id: 
             "id": sweep_id,
             "space": json.dumps(space),
             "swept": ",".join(plan.swept),
+            **({"setting_keys": ",".join(plan.setting_keys)} if plan.setting_keys else {}),
             "trials": plan.trials,
             "num_samples": cfg.sweep.num_samples,
             "metric": cfg.sweep.metric,

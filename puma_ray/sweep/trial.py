@@ -14,7 +14,13 @@ from typing import Any
 
 from puma_ray import storage
 from puma_ray.config import PipelineConfig, dump_yaml
-from puma_ray.sweep.plan import _describe, apply_values, is_unpruned, trial_values
+from puma_ray.sweep.plan import (
+    _describe,
+    apply_values,
+    config_values,
+    is_unpruned,
+    trial_values,
+)
 
 TRIAL_FILE = "trial.json"
 RESULT_FILE = "result.json"
@@ -88,7 +94,7 @@ def _maybe_fail(debug: dict | None, values: dict, baseline: bool) -> None:
     after its training finished, as a crash between training and evaluation would."""
     if not debug or baseline:
         return
-    if any(values.get(k) != v for k, v in debug["values"].items()):
+    if any(config_values(values).get(k) != v for k, v in debug["values"].items()):
         return
     if storage.exists(debug["marker"]):
         return
@@ -262,11 +268,16 @@ def _trial_fn(config: dict, ctx: dict) -> None:
 
 def _trial_params(cfg: PipelineConfig, info: dict, unpruned: bool) -> dict[str, Any]:
     """Params of a trial's MLflow run: its effective pruning settings (the sampled values among
-    them) and what identifies it; run_train already logged the model and training recipe."""
+    them, a setting's too) and what identifies it; run_train already logged the model and
+    training recipe."""
     params = {"pruning": cfg.pruning.model_dump(mode="json", exclude={"extrapolation"})}
     params["trial"] = info["trial"]
     params["sweep.baseline"] = info["baseline"]
     params["sweep.unpruned"] = unpruned
+    # the setting of each settings dimension by name (`setting.method`): the report's label
+    for dim, value in info["values"].items():
+        if isinstance(value, dict):
+            params[f"setting.{dim}"] = value["name"]
     # the sampled values are among these (pruning.*) or among run_train's (training.seed)
     return params
 
