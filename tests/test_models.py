@@ -74,6 +74,22 @@ def test_small_cnn_is_small():
     assert model.num_features == 256
 
 
+def test_small_cnn_width():
+    """`width` scales the conv channels; the default is the demo's (and the packaged margin
+    model's) network, key for key and shape for shape."""
+    default = create_model("small_cnn", num_classes=10)
+    same = create_model("small_cnn", num_classes=10, width=32)
+    assert {k: v.shape for k, v in default.state_dict().items()} == {
+        k: v.shape for k, v in same.state_dict().items()
+    }
+    narrow = create_model("small_cnn", num_classes=10, width=16)
+    assert narrow.state_dict().keys() == default.state_dict().keys()
+    assert narrow.body[0].out_channels == 16 and narrow.body[-2].in_features == 2 * 16 * 16
+    assert narrow(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    narrow_params = sum(p.numel() for p in narrow.parameters())
+    assert narrow_params < sum(p.numel() for p in default.parameters()) / 2
+
+
 def test_normalisation_is_inside_the_model():
     model = create_model("small_cnn", num_classes=3, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
     buffers = dict(model.named_buffers())
@@ -105,6 +121,7 @@ def test_grayscale_and_other_sizes():
         ("small_cnn", {"mean": [0.5, 0.5]}, r"option 'mean' must be 3 numbers"),
         ("small_cnn", {"std": [1, 0, 1]}, r"option 'std' must be 3 positive numbers"),
         ("small_cnn", {"in_channels": 0}, r"option 'in_channels'"),
+        ("small_cnn", {"width": 0}, r"model 'small_cnn': option 'width' must be a positive"),
     ],
 )
 def test_create_model_errors(name, kwargs, match):

@@ -213,6 +213,12 @@ def test_trial_resources_must_fit(ray_local, tmp_path):
     assert "a trial needs 1 CPUs" in logs[0] and "running 3 trial(s) at a time" in logs[0]
     # in-process training happens in the trial process, which then holds the worker's CPUs
     assert trial_resources(_cfg("ray.num_workers=0")) == {"CPU": 1.0}
+    # ...and those CPUs are all it needs (they were once counted twice: a 2-CPU in-process
+    # trial was refused on 4 CPUs)
+    in_process = _cfg("ray.num_workers=0", "ray.cpus_per_worker=2")
+    assert _fit_concurrency(in_process, logs.append) == 1
+    with pytest.raises(SweepError, match=r"a trial needs 3.5 CPUs \(its own process, which"):
+        _fit_concurrency(_cfg("ray.num_workers=0", "ray.cpus_per_worker=3.5"), logs.append)
     held = _cfg("sweep.trial_cpus=0.5", "sweep.max_concurrent_trials=5")
     assert _fit_concurrency(held, logs.append) == 2
     with pytest.raises(SweepError, match=r"a trial needs 3.5 CPUs .* Ray has 4 CPUs"):

@@ -371,5 +371,5 @@ def test_study_config_is_the_study_it_says():
     (source,) = cfg.data.sources
     assert source.synthetic >= 10 * source.real_train
     t = cfg.training
-    assert t.epoch_length == "fixed" and t.samples_per_epoch * t.epochs == 10240
+    assert t.epoch_length == "fixed" and t.samples_per_epoch * t.epochs == 28000
     assert cfg.sweep.metric == "val/robust_acc" and cfg.data.has_validation

@@ -105,14 +105,19 @@ def _fit_concurrency(cfg: PipelineConfig, log) -> int:
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
     hold = trial_resources(cfg)["CPU"]
-    need = hold + max(1, r.num_workers) * r.cpus_per_worker
+    # in-process training (num_workers 0): the trial's own process trains, and `hold` is it
+    need = hold + r.num_workers * r.cpus_per_worker
     fits = math.floor((cpus - DATA_CPUS) / need + 1e-9)
     if r.use_gpu:
         fits = min(fits, math.floor(gpus / max(1, r.num_workers) + 1e-9))
     joined = bool(r.address or os.environ.get("RAY_ADDRESS"))
+    parts = (
+        f"its own process {hold:g} + {r.num_workers} x ray.cpus_per_worker {r.cpus_per_worker:g}"
+        if r.num_workers
+        else f"its own process, which trains: ray.cpus_per_worker {r.cpus_per_worker:g}"
+    )
     layout = (
-        f"a trial needs {need:g} CPUs (its own process {hold:g} + "
-        f"{max(1, r.num_workers)} x ray.cpus_per_worker {r.cpus_per_worker:g})"
+        f"a trial needs {need:g} CPUs ({parts})"
         f"{f' and {max(1, r.num_workers)} GPUs' if r.use_gpu else ''}, plus "
         f"{DATA_CPUS:g} CPU kept free for Ray Data reads; Ray has {cpus:g} CPUs"
         f"{f' and {gpus:g} GPUs' if r.use_gpu else ''}"
