@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import sys
 from fractions import Fraction
 from typing import Annotated, Any, Literal
@@ -712,7 +713,8 @@ SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "settings")
 # what one setting of a `settings` dimension may set: the search keys but the seeds, which vary
 # per repeat (sweep.num_samples) or in a grid of their own
 SETTING_KEYS = tuple(k for k in SWEEPABLE if not k.endswith(".seed"))
-_SETTING_NAME_BAD = frozenset(" \t\n=,")
+# a setting's name: it goes into trial names, MLflow params and the report's Markdown table
+_SETTING_NAME = re.compile(r"[\w.+-]+")
 
 
 class SubPathError(ValueError):
@@ -752,9 +754,9 @@ def _check_setting(index: int, setting: dict[str, Any]) -> dict[str, Any]:
     if not values:
         raise SubPathError(where, "sets no key (give e.g. {pruning.strategy: random})")
     name = setting.get("name", _setting_label(values))
-    if not isinstance(name, str) or not name or _SETTING_NAME_BAD & set(name):
+    if not isinstance(name, str) or not _SETTING_NAME.fullmatch(name):
         raise SubPathError(
-            f"{where}.name", f"must be a word without spaces, '=' or ',' (got {name!r})"
+            f"{where}.name", f"must be letters, digits, '_', '.', '+' or '-' (got {name!r})"
         )
     return {"name": name, **values}
 
@@ -894,7 +896,7 @@ class SweepConfig(Strict):
         description="CPUs the trial's own process holds for the whole trial. It only "
         "orchestrates (prune and evaluation run as Ray tasks, training in its Train workers: "
         "ray.num_workers x ray.cpus_per_worker), so 0; with in-process training "
-        "(ray.num_workers: 0) the trial holds ray.cpus_per_worker instead",
+        "(ray.num_workers: 0) the trial holds the larger of this and ray.cpus_per_worker",
     )
     trial_max_failures: NonNegInt = Field(
         1, description="Tune retries of a failed trial (its training resumes)"
@@ -915,6 +917,8 @@ class SweepConfig(Strict):
                         f"{key}: a settings dimension is named by a word without dots (e.g. "
                         "method): its settings name the keys they set"
                     )
+                if key == "baseline":  # a trial's point marks the added baseline by this key
+                    raise ValueError("baseline: a reserved name; call the dimension e.g. method")
                 continue
             if key not in SWEEPABLE:
                 hint = "; a name without dots takes a list of settings" if "." not in key else ""

@@ -43,8 +43,9 @@ one line that names it, before anything runs.
 - `--set` edits one key: `--set training.epochs=3`, `--set data.sources.0.noise=0.2` (list
   items by index), `--set 'sweep.space.pruning.ratio={{grid: [0.2, 0.5]}}'` (search keys keep
   their dots), `--set sweep.space.pruning.eps_scale=null` (drops a search key),
-  `--set 'sweep.space.method.settings=[{{pruning.strategy: random}}]'` (a settings dimension,
-  given whole).
+  `--set 'sweep.space.method.settings=[{{pruning.strategy: random}}]'
+  --set sweep.space.pruning.eps_scale=null` (a settings dimension, given whole; random ignores
+  eps_scale, so that grid is dropped).
 - Numbers may be written as fractions: `epsilon: 8/255`.
 - `null` defaults that name an environment variable (`tracking.tracking_uri`:
   `MLFLOW_TRACKING_URI`, `tracking.experiment`: `MLFLOW_EXPERIMENT_NAME`, `ray.address`:

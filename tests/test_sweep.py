@@ -219,6 +219,14 @@ def test_trial_resources_must_fit(ray_local, tmp_path):
     assert _fit_concurrency(in_process, logs.append) == 1
     with pytest.raises(SweepError, match=r"a trial needs 3.5 CPUs \(its own process, which"):
         _fit_concurrency(_cfg("ray.num_workers=0", "ray.cpus_per_worker=3.5"), logs.append)
+    # it still holds them while its evaluation chunks (cpus_per_worker each) run: 1.5 + 1.5
+    # for one trial and its chunk leave 1 of the 4 CPUs, not room for a second trial
+    wide = _cfg("ray.num_workers=0", "ray.cpus_per_worker=1.5", "sweep.max_concurrent_trials=5")
+    assert _fit_concurrency(wide, logs.append) == 1
+    # in-process training on a GPU: each trial process gets a GPU of its own
+    gpu = trial_resources(_cfg("ray.num_workers=0", "ray.use_gpu=true"))
+    assert gpu == {"CPU": 1.0, "GPU": 1}
+    assert "GPU" not in trial_resources(_cfg("ray.use_gpu=true"))  # its Train workers get them
     held = _cfg("sweep.trial_cpus=0.5", "sweep.max_concurrent_trials=5")
     assert _fit_concurrency(held, logs.append) == 2
     with pytest.raises(SweepError, match=r"a trial needs 3.5 CPUs .* Ray has 4 CPUs"):

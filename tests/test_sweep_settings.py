@@ -81,7 +81,15 @@ def _values(plan) -> list[tuple[dict, bool]]:
         ),
         (
             "{m: {settings: [{name: a b, pruning.ratio: 0.5}]}}",
-            "sweep.space.m.settings[0].name: must be a word without spaces",
+            "sweep.space.m.settings[0].name: must be letters, digits, '_', '.', '+' or '-'",
+        ),
+        (  # a '|' would split the report's Markdown rows
+            "{m: {settings: [{name: 'a|b', pruning.ratio: 0.5}]}}",
+            "sweep.space.m.settings[0].name: must be letters, digits, '_', '.', '+' or '-'",
+        ),
+        (  # a trial's point marks the added baseline with this key
+            "{baseline: {settings: [{pruning.ratio: 0.5}]}}",
+            "sweep.space: baseline: a reserved name",
         ),
         ("{m: {settings: [{name: a}]}}", "sweep.space.m.settings[0]: sets no key"),
         ("{m: {settings: []}}", "sweep.space.m: settings is empty (give at least one setting)"),

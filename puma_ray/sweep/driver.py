@@ -92,6 +92,8 @@ def trial_resources(cfg: PipelineConfig) -> dict[str, float]:
     """What Tune reserves for a trial's own process (Train workers and tasks come on top)."""
     s, r = cfg.sweep, cfg.ray
     cpus = s.trial_cpus if r.num_workers > 0 else max(s.trial_cpus, r.cpus_per_worker)
+    if r.num_workers == 0 and r.use_gpu:  # it trains on a GPU of its own, not on cuda:0 of all
+        return {"CPU": cpus, "GPU": 1}
     # Tune refuses an empty bundle ("empty head"): a token of memory places an orchestrator
     return {"CPU": cpus} if cpus > 0 else {"CPU": 0, "memory": 2**20}
 
@@ -107,19 +109,21 @@ def _fit_concurrency(cfg: PipelineConfig, log) -> int:
     hold = trial_resources(cfg)["CPU"]
     # in-process training (num_workers 0): the trial's own process trains, and `hold` is it
     need = hold + r.num_workers * r.cpus_per_worker
-    fits = math.floor((cpus - DATA_CPUS) / need + 1e-9)
+    # ...and still holds them while its evaluation chunks run, each a task of cpus_per_worker
+    spare = max(DATA_CPUS, r.cpus_per_worker if r.num_workers == 0 else 0)
+    fits = math.floor((cpus - spare) / need + 1e-9)
     if r.use_gpu:
         fits = min(fits, math.floor(gpus / max(1, r.num_workers) + 1e-9))
     joined = bool(r.address or os.environ.get("RAY_ADDRESS"))
     parts = (
         f"its own process {hold:g} + {r.num_workers} x ray.cpus_per_worker {r.cpus_per_worker:g}"
         if r.num_workers
-        else f"its own process, which trains: ray.cpus_per_worker {r.cpus_per_worker:g}"
+        else f"its own process, which trains: {hold:g}"
     )
     layout = (
         f"a trial needs {need:g} CPUs ({parts})"
         f"{f' and {max(1, r.num_workers)} GPUs' if r.use_gpu else ''}, plus "
-        f"{DATA_CPUS:g} CPU kept free for Ray Data reads; Ray has {cpus:g} CPUs"
+        f"{spare:g} CPU kept free for Ray Data reads and evaluation; Ray has {cpus:g} CPUs"
         f"{f' and {gpus:g} GPUs' if r.use_gpu else ''}"
     )
     if fits < 1:
