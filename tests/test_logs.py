@@ -83,7 +83,7 @@ RAY_LINES = [
     "Estimated parquet encoding ratio is 0.873.",
     "Estimated parquet reader batch size at 4096 rows",
     "✔️  Dataset train_12_0 execution finished in 0.53 seconds",
-    "/work/.venv/lib/python3.11/site-packages/ray/data/_internal/execution/interfaces/"
+    "/home/user/.venv/lib/python3.11/site-packages/ray/data/_internal/execution/interfaces/"
     "execution_options.py:81: RayDeprecationWarning: `ExecutionOptions.exclude_resources` is "
     "deprecated and will be removed after January 2027.",
     "  self.exclude_resources = exclude_resources",
@@ -120,7 +120,7 @@ def test_errors_stay_visible_and_a_hidden_records_traceback_goes_with_it():
     error = [
         "2026-12-02 06:05:16,001\tERROR worker.py:3 -- the actor died",
         "Traceback (most recent call last):",
-        '  File "/work/main/puma_ray/score.py", line 10, in __call__',
+        '  File "/home/user/puma_ray/score.py", line 10, in __call__',
         "    raise ValueError('boom')",
         "ValueError: boom",
     ]
@@ -210,7 +210,7 @@ def test_quiet_session_sends_library_warnings_to_the_file(tmp_path, monkeypatch)
             warnings.simplefilter("always")
             ray_file = "/x/site-packages/ray/data/context.py"
             warnings.warn_explicit("`use_polars` is deprecated", DeprecationWarning, ray_file, 9)
-            warnings.warn_explicit("ours", UserWarning, "/work/main/puma_ray/score.py", 3)
+            warnings.warn_explicit("ours", UserWarning, "/home/user/puma_ray/score.py", 3)
     assert shown == ["ours"]
     assert "context.py:9: DeprecationWarning: `use_polars` is deprecated" in open(s.path).read()
     assert logs.is_verbose()  # no session any more
