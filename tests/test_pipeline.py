@@ -323,7 +323,7 @@ def _outcome(run_dir):
 
     scores = pads.dataset(
         os.path.join(run_dir, "scores"), partitioning="hive", exclude_invalid_files=True
-    ).to_table(columns=["id", "margin"])
+    ).to_table(columns=["id", "margin", "iters"])
     order = np.argsort(scores.column("id").to_numpy())
     kept_dir = os.path.join(run_dir, "kept")
     files = [s["file"] for s in json.load(open(os.path.join(kept_dir, "manifest.json")))["shards"]]
@@ -332,6 +332,7 @@ def _outcome(run_dir):
     ev = json.load(open(os.path.join(run_dir, "evaluate", "summary.json")))
     return {
         "margins": scores.column("margin").to_numpy()[order],
+        "iters": scores.column("iters").to_numpy()[order],
         "kept": np.concatenate([t.column("id").to_numpy() for t in kept]),
         "eps": np.concatenate([t.column("eps").to_numpy() for t in kept]),
         "weights": model.state_dict(),
@@ -339,14 +340,35 @@ def _outcome(run_dir):
     }
 
 
+def _same_margins(a, b) -> str | None:
+    """None if two scorings agree to float rounding, else what differs. DeepFool runs in
+    scoring actors, where a conv's last bits depend on the memory it runs in: a margin is a sum
+    of steps, so its rounding error scales with the pool's margins (a near-zero signed margin
+    carries the same absolute error as any other), not with its own size. The iteration counts
+    must agree exactly; a rounding difference that moved one would show here by name."""
+    import numpy as np
+
+    ma, mb = a["margins"], b["margins"]
+    scale = float(np.median(np.abs(ma[np.isfinite(ma)]))) if np.isfinite(ma).any() else 1.0
+    close = np.isclose(ma, mb, rtol=1e-5, atol=1e-5 * scale)
+    if close.all() and np.array_equal(a["iters"], b["iters"]):
+        return None
+    rows = np.flatnonzero(~close | (a["iters"] != b["iters"]))[:5]
+    return (
+        "; ".join(
+            f"row {i}: {ma[i]!r} vs {mb[i]!r} ({a['iters'][i]} vs {b['iters'][i]} iters)"
+            for i in rows
+        )
+        + f" (median |margin| {scale:.3g})"
+    )
+
+
 def _same(a, b) -> dict[str, bool]:
     import numpy as np
     import torch
 
     out = {k: bool(np.array_equal(a[k], b[k])) for k in ("kept", "eps")}
-    # DeepFool in scoring actors: equal to float rounding (a conv's last bits depend on the
-    # memory it runs in); the order the kept set is cut from, and everything after, exactly
-    out["margins"] = bool(np.allclose(a["margins"], b["margins"], rtol=1e-5, atol=1e-7))
+    out["margins"] = _same_margins(a, b) is None
     out["weights"] = a["weights"].keys() == b["weights"].keys() and all(
         torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"]
     )
@@ -362,7 +384,9 @@ def test_the_same_seed_reproduces_the_run_and_another_seed_does_not(first_run, t
     want = _outcome(run_dir)
     again, other = str(tmp_path / "again"), str(tmp_path / "other")
     run_pipeline(_cfg(tmp_path), again, log=lambda _m: None)  # without the baselines
-    assert _same(_outcome(again), want) == dict.fromkeys(_same(want, want), True)
+    got = _outcome(again)
+    assert _same_margins(got, want) is None, _same_margins(got, want)
+    assert _same(got, want) == dict.fromkeys(_same(want, want), True)
     seeds = ["seed=1", "margin_model.train.seed=1", "training.seed=1"]
     run_pipeline(_cfg(tmp_path, *seeds), other, log=lambda _m: None)
     same = _same(_outcome(other), want)
