@@ -343,8 +343,10 @@ def _new_tuner(cfg: PipelineConfig, plan: SweepPlan, trainable, sweep_dir: str, 
     )
 
 
-def _trial_statuses(grid, sweep_dir: str) -> dict[str, str]:
-    """finished (result.json written) | stopped early (ASHA) | failed | interrupted."""
+def _trial_statuses(grid, sweep_dir: str, asha: bool) -> dict[str, str]:
+    """finished (result.json written) | stopped early (ASHA) | failed | interrupted. A trial
+    Tune ended without a result is ASHA's doing only when ASHA is on; without it, the sweep was
+    stopped under it (Ctrl-C, a time limit) and a rerun restores it."""
     states = {}
     analysis = getattr(grid, "_experiment_analysis", None)
     for trial in getattr(analysis, "trials", None) or []:
@@ -357,7 +359,7 @@ def _trial_statuses(grid, sweep_dir: str) -> dict[str, str]:
             out[name] = "finished"
         elif r.error is not None or states.get(name) == "ERROR":
             out[name] = "failed"
-        elif states.get(name, "TERMINATED") == "TERMINATED":
+        elif asha and states.get(name, "TERMINATED") == "TERMINATED":
             out[name] = "stopped early"
         else:
             out[name] = "interrupted"
@@ -440,7 +442,7 @@ def _collect(grid, result: SweepResult, cfg, sweep_dir: str, sweep_id: str, pare
     runs closed, and with a parent run the report and the sweep's counts and best value."""
     from puma_ray import tracking
 
-    result.trials = _trial_statuses(grid, sweep_dir)
+    result.trials = _trial_statuses(grid, sweep_dir, cfg.sweep.asha)
     _close_unfinished(cfg, result.trials, sweep_dir, sweep_id, log)
     if parent is None:
         return
