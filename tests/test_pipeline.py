@@ -385,7 +385,8 @@ def test_the_same_seed_reproduces_the_run_and_another_seed_does_not(first_run, t
     again, other = str(tmp_path / "again"), str(tmp_path / "other")
     run_pipeline(_cfg(tmp_path), again, log=lambda _m: None)  # without the baselines
     got = _outcome(again)
-    assert _same_margins(got, want) is None, _same_margins(got, want)
+    margins_differ = _same_margins(got, want)
+    assert margins_differ is None, margins_differ
     assert _same(got, want) == dict.fromkeys(_same(want, want), True)
     seeds = ["seed=1", "margin_model.train.seed=1", "training.seed=1"]
     run_pipeline(_cfg(tmp_path, *seeds), other, log=lambda _m: None)
